@@ -1,0 +1,87 @@
+"""mq: quantize a PyTorch model for a real target, export what the target consumes, verify it on a runtime.
+
+    import mq_core as mq
+    backend = mq.get_backend("tensorrt")
+    qmodel = mq.prepare(model, backend, example_inputs=(x,))
+    mq.calibrate(qmodel, loader)
+    result = mq.export(qmodel, (x,), "deploy/")
+    report = mq.verify(result, (x,))
+"""
+
+__version__ = "0.1.0"
+
+from mq_core.backend import Backend
+from mq_core.errors import (
+    CalibrationError,
+    ConfigError,
+    ExportError,
+    MQError,
+    PluginConflictError,
+    SchemeError,
+    TraceError,
+    UnknownNameError,
+    VerificationError,
+)
+from mq_core.graph.policy import PlacementPolicy, input_placement, output_placement
+from mq_core.hookspecs import hookimpl
+from mq_core.plugins.lookup import (
+    get_backend,
+    get_entry,
+    get_exporter,
+    get_fake_quantizer,
+    get_observer,
+    get_ptq_method,
+    get_qconfig,
+    get_runtime,
+    list_backends,
+    list_exporters,
+    list_fake_quantizers,
+    list_observers,
+    list_ptq_methods,
+    list_qconfigs,
+    list_runtimes,
+)
+from mq_core.quant.fake_quant import FakeQuantizer, FixedFakeQuantizer
+from mq_core.quant.observers.base import Observer
+from mq_core.quant.qconfig import QConfig, QConfigPreset, QuantizerSpec
+from mq_core.quant.scheme import QuantScheme
+
+__all__ = [
+    "Backend",
+    "CalibrationError",
+    "ConfigError",
+    "ExportError",
+    "FakeQuantizer",
+    "FixedFakeQuantizer",
+    "MQError",
+    "Observer",
+    "PlacementPolicy",
+    "PluginConflictError",
+    "QConfig",
+    "QConfigPreset",
+    "QuantScheme",
+    "QuantizerSpec",
+    "SchemeError",
+    "TraceError",
+    "UnknownNameError",
+    "VerificationError",
+    "__version__",
+    "get_backend",
+    "get_entry",
+    "get_exporter",
+    "get_fake_quantizer",
+    "get_observer",
+    "get_ptq_method",
+    "get_qconfig",
+    "get_runtime",
+    "hookimpl",
+    "input_placement",
+    "list_backends",
+    "list_exporters",
+    "list_fake_quantizers",
+    "list_observers",
+    "list_ptq_methods",
+    "list_qconfigs",
+    "list_runtimes",
+    "output_placement",
+]

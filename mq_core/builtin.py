@@ -1,0 +1,73 @@
+"""The core's own plugin: built-in observers, the fixed fake quantizer, generic presets and the ``qdq`` backend.
+
+Registered through the same hooks as third-party plugins (the core eats its own cooking), with provenance
+``mq-core``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from mq_core.backend import Backend
+from mq_core.graph.policy import output_placement
+from mq_core.hookspecs import hookimpl
+from mq_core.quant.fake_quant import FixedFakeQuantizer
+from mq_core.quant.observers.minmax import EMAMinMaxObserver, MinMaxObserver
+from mq_core.quant.qconfig import QConfig, QConfigPreset, QuantizerSpec
+from mq_core.quant.scheme import INT8_SYM_PER_CHANNEL, UINT8_AFFINE
+
+QDQ_BACKEND = Backend(
+    name="qdq",
+    aliases=("onnxruntime", "ort"),
+    description="Generic QDQ ONNX for ONNX Runtime (U8 activations x S8 weights fuse into QLinearConv/QGemm); "
+    "also the academic target for 2-8 bit research.",
+    qconfig=QConfig(
+        weight=QuantizerSpec(INT8_SYM_PER_CHANNEL, observer="minmax"),
+        activation=QuantizerSpec(UINT8_AFFINE, observer="ema_minmax"),
+        name="qdq-default",
+    ),
+    placement=output_placement(),
+    exporters=("qdq",),
+    weight_bits=frozenset(range(2, 9)),
+    activation_bits=frozenset(range(2, 9)),
+    runtimes=("onnxruntime", "openvino", "tvm"),
+    notes="Sub-8-bit grids export as int8/uint8 Q/DQ with the narrower range enforced by a Clip.",
+)
+
+PRESETS = (
+    QConfigPreset("w8a8", "8-bit weights and activations, the backend's own observers."),
+    QConfigPreset(
+        "w8a8-pot", "8-bit power-of-two scales, symmetric weights (TVM academic setting, shift-only requant).",
+        weight_bits=8, activation_bits=8,
+        weight_scheme={"symmetric": True, "pot_scale": True},
+        activation_scheme={"pot_scale": True},
+    ),
+    QConfigPreset("w4a8", "4-bit weights (MSE range search), 8-bit activations.", weight_bits=4,
+                  activation_bits=8, weight_observer="mse"),
+    QConfigPreset("w4a4", "4-bit weights and activations with MSE range search.", weight_bits=4,
+                  activation_bits=4, weight_observer="mse", activation_observer="mse"),
+    QConfigPreset("w2a4", "2-bit weights, 4-bit activations with MSE range search.", weight_bits=2,
+                  activation_bits=4, weight_observer="mse", activation_observer="mse"),
+)
+
+
+@hookimpl
+def register_observers(register: Any) -> None:
+    register(MinMaxObserver, name="minmax")
+    register(EMAMinMaxObserver, name="ema_minmax", aliases=("ema",))
+
+
+@hookimpl
+def register_fake_quantizers(register: Any) -> None:
+    register(FixedFakeQuantizer, name="fixed")
+
+
+@hookimpl
+def register_qconfigs(register: Any) -> None:
+    for preset in PRESETS:
+        register(preset)
+
+
+@hookimpl
+def register_backends(register: Any) -> None:
+    register(QDQ_BACKEND)

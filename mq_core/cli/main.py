@@ -1,0 +1,119 @@
+"""The ``mq`` command. Plugins add sub-commands through the ``register_commands`` hook.
+
+Every ``MQError`` becomes a one-paragraph message on stderr and exit code 2: users see what is wrong and what to
+do, never a traceback from deep inside torch.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from typing import Any
+
+import click
+
+from mq_core import __version__
+from mq_core.cli.table import render_table
+from mq_core.errors import MQError
+from mq_core.plugins.manager import get_manager
+
+
+class MQGroup(click.Group):
+    """Root group: loads plugin sub-commands on first use and reports MQError without a traceback."""
+
+    _plugin_commands_loaded = False
+
+    def _load_plugin_commands(self) -> None:
+        if not self._plugin_commands_loaded:
+            self._plugin_commands_loaded = True
+            get_manager().add_commands(self)
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        self._load_plugin_commands()
+        return super().list_commands(ctx)
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        self._load_plugin_commands()
+        return super().get_command(ctx, cmd_name)
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except MQError as exc:
+            click.echo(f"Error: {exc}", err=True)
+            ctx.exit(2)
+
+
+@click.group(cls=MQGroup)
+@click.version_option(__version__, "--version", prog_name="mq")
+@click.option("-v", "--verbose", is_flag=True, help="Log debug messages.")
+def cli(verbose: bool) -> None:
+    """mq: quantize PyTorch models for real targets, export, and verify on real runtimes."""
+    level = logging.DEBUG if verbose else logging.WARNING
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+
+
+def _emit_json(data: Any) -> None:
+    click.echo(json.dumps(data, indent=2, sort_keys=True))
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def plugins(as_json: bool) -> None:
+    """Installed plugin distributions, their status and what each registered."""
+    manager = get_manager()
+    records = [
+        {
+            "distribution": r.distribution,
+            "version": r.version,
+            "entry_point": r.entry_point,
+            "status": r.status,
+            "error": r.error,
+            "registered": {k: sorted(v) for k, v in sorted(r.registered.items())},
+        }
+        for r in manager.records
+    ]
+    conflicts = [
+        {"kind": kind, "name": key, "distributions": [e.distribution for e in claims]}
+        for kind, registry in manager.registries.items()
+        for key, claims in sorted(registry.conflicts().items())
+    ]
+    if as_json:
+        _emit_json({"plugins": records, "conflicts": conflicts})
+        return
+    rows = []
+    for r in records:
+        what = "; ".join(f"{k}: {', '.join(v)}" for k, v in r["registered"].items())
+        rows.append([r["distribution"], r["version"], r["status"], r["error"] or what])
+    click.echo(render_table(["distribution", "version", "status", "registered (or error)"], rows))
+    for c in conflicts:
+        click.echo(
+            f"conflict: {c['kind'].replace('_', ' ')} {c['name']!r} claimed by {' and '.join(c['distributions'])}; "
+            "set MQ_PREFER=<distribution> to choose",
+            err=True,
+        )
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def backends(as_json: bool) -> None:
+    """Installed deployment targets: name, aliases, weight and activation schemes, providing package."""
+    registry = get_manager().registries["backend"]
+    items = []
+    for entry in sorted(registry.entries(), key=lambda e: e.name):
+        items.append({**entry.obj.summary(), "provided_by": entry.distribution, "version": entry.version})
+    if as_json:
+        _emit_json(items)
+        return
+    rows = [
+        [b["name"], ", ".join(b["aliases"]), b["weight"], b["activation"], b["placement"].split(";")[0],
+         f"{b['provided_by']} {b['version']}"]
+        for b in items
+    ]
+    click.echo(render_table(["backend", "aliases", "weights", "activations", "placement", "package"], rows))
+
+
+def main() -> None:
+    """Console-script entry point."""
+    sys.exit(cli.main(prog_name="mq", standalone_mode=True))

@@ -1,0 +1,1 @@
+"""Entry point of mq-algos (group ``mq``)."""

@@ -1,0 +1,28 @@
+"""OpenVINO's (NNCF-style) quantization rules as an mq Backend.
+
+Weights int8 symmetric per output channel (narrow, 255 levels); activations per-tensor symmetric, unsigned where
+the producer is ReLU-like and signed otherwise. Quantizers on the network input and on the inputs of
+Conv/MatMul/Linear and eltwise ops; the last layer's output stays float.
+"""
+
+from mq_core import Backend, QConfig, QuantizerSpec, input_placement
+from mq_core.quant.scheme import INT8_SYM, INT8_SYM_PER_CHANNEL_NARROW
+
+OV_QUANTIZED_INPUTS = ("conv", "conv_transpose", "linear", "matmul", "add", "sub", "mul", "div")
+
+OPENVINO = Backend(
+    name="openvino",
+    aliases=("ov",),
+    description="Intel OpenVINO: ONNX with org.openvinotoolkit FakeQuantize, or plain QDQ ONNX.",
+    qconfig=QConfig(
+        weight=QuantizerSpec(INT8_SYM_PER_CHANNEL_NARROW, observer="minmax"),
+        activation=QuantizerSpec(INT8_SYM, observer="ema_minmax"),
+        name="openvino-default",
+    ),
+    placement=input_placement(*OV_QUANTIZED_INPUTS, network_inputs=True,
+                              unsigned_after=frozenset({"relu", "relu6"})),
+    exporters=("openvino", "openvino-qdq"),
+    weight_bits=frozenset({4, 8}),
+    runtimes=("openvino", "onnxruntime"),
+    notes="ov.Core().read_model('model.onnx') -> compile_model(..., 'CPU'); or `ovc model.onnx` for IR.",
+)

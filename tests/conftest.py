@@ -1,0 +1,52 @@
+"""Shared fixtures: installed fixture plugin distributions and a clean plugin manager per test."""
+
+from __future__ import annotations
+
+import importlib
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+import mq_core.plugins
+
+FIXTURE_DISTS = Path(__file__).parent / "fixtures" / "dists"
+
+
+@pytest.fixture(scope="session")
+def fixture_site(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A site directory holding the fixture plugin distributions, installed for real by pip (dist-info and all)."""
+    target = tmp_path_factory.mktemp("fixture-site")
+    dists = sorted(str(p) for p in FIXTURE_DISTS.iterdir() if (p / "pyproject.toml").exists())
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
+         "--disable-pip-version-check", "--target", str(target), *dists],
+        check=True,
+    )
+    return target
+
+
+@pytest.fixture
+def plugin_env(monkeypatch: pytest.MonkeyPatch, fixture_site: Path) -> Iterator[Callable[..., None]]:
+    """Make the fixture distributions discoverable; call it with env vars (MQ_PLUGINS=...) to reload with them."""
+
+    def activate(**env: str) -> None:
+        for var in ("MQ_PLUGINS", "MQ_DISABLE_PLUGINS", "MQ_PREFER"):
+            monkeypatch.delenv(var, raising=False)
+        for key, value in env.items():
+            monkeypatch.setenv(key, value)
+        mq_core.plugins.reset()
+
+    monkeypatch.syspath_prepend(str(fixture_site))
+    importlib.invalidate_caches()
+    yield activate
+    mq_core.plugins.reset()
+
+
+@pytest.fixture(autouse=True)
+def _fresh_plugin_state() -> Iterator[None]:
+    """No test sees registries loaded under another test's environment."""
+    yield
+    mq_core.plugins.reset()
