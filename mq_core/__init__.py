@@ -11,6 +11,8 @@
 __version__ = "0.1.0"
 
 from mq_core.backend import Backend
+from mq_core.calibration import calibrate, disable_all, enable_calibration, enable_quantization, quantizers
+from mq_core.checkpoint import load_checkpoint, restore, save_checkpoint
 from mq_core.errors import (
     CalibrationError,
     ConfigError,
@@ -24,6 +26,7 @@ from mq_core.errors import (
 )
 from mq_core.graph.policy import PlacementPolicy, input_placement, output_placement
 from mq_core.hookspecs import hookimpl
+from mq_core.nn import FrozenBatchNorm2d, freeze_bn, unfreeze_bn
 from mq_core.plugins.lookup import (
     get_backend,
     get_entry,
@@ -41,6 +44,7 @@ from mq_core.plugins.lookup import (
     list_qconfigs,
     list_runtimes,
 )
+from mq_core.prepare import PrepareInfo, prepare, prepare_info
 from mq_core.quant.fake_quant import FakeQuantizer, FixedFakeQuantizer
 from mq_core.quant.observers.base import Observer
 from mq_core.quant.qconfig import QConfig, QConfigPreset, QuantizerSpec
@@ -53,10 +57,12 @@ __all__ = [
     "ExportError",
     "FakeQuantizer",
     "FixedFakeQuantizer",
+    "FrozenBatchNorm2d",
     "MQError",
     "Observer",
     "PlacementPolicy",
     "PluginConflictError",
+    "PrepareInfo",
     "QConfig",
     "QConfigPreset",
     "QuantScheme",
@@ -66,6 +72,11 @@ __all__ = [
     "UnknownNameError",
     "VerificationError",
     "__version__",
+    "calibrate",
+    "disable_all",
+    "enable_calibration",
+    "enable_quantization",
+    "freeze_bn",
     "get_backend",
     "get_entry",
     "get_exporter",
@@ -83,5 +94,12 @@ __all__ = [
     "list_ptq_methods",
     "list_qconfigs",
     "list_runtimes",
+    "load_checkpoint",
     "output_placement",
+    "prepare",
+    "prepare_info",
+    "quantizers",
+    "restore",
+    "save_checkpoint",
+    "unfreeze_bn",
 ]

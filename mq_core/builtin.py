@@ -11,6 +11,8 @@ from typing import Any
 from mq_core.backend import Backend
 from mq_core.graph.policy import output_placement
 from mq_core.hookspecs import hookimpl
+from mq_core.nn.patterns import standard_patterns
+from mq_core.nn.qat import QAT_MODULES
 from mq_core.quant.fake_quant import FixedFakeQuantizer
 from mq_core.quant.observers.minmax import EMAMinMaxObserver, MinMaxObserver
 from mq_core.quant.qconfig import QConfig, QConfigPreset, QuantizerSpec
@@ -71,3 +73,15 @@ def register_qconfigs(register: Any) -> None:
 @hookimpl
 def register_backends(register: Any) -> None:
     register(QDQ_BACKEND)
+
+
+@hookimpl
+def register_fusion_patterns(register: Any) -> None:
+    for pattern in standard_patterns():
+        register(pattern)
+
+
+@hookimpl
+def register_qat_modules(register: Any) -> None:
+    for float_type, qat_type in QAT_MODULES.items():
+        register(float_type, qat_type)

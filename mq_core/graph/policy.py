@@ -10,7 +10,7 @@ marks the graph, and materialises exactly one fake quantizer per quantized tenso
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 #: Ops whose output lies on the grid of their input: never re-quantized, quantizers are not duplicated there.
 PASSTHROUGH_KINDS = frozenset({"maxpool", "reshape", "getitem", "identity"})
@@ -34,7 +34,8 @@ class PlacementPolicy:
         passthrough: op kinds whose output inherits the grid of their input.
         network_inputs: quantize the model's inputs (for all consumers).
         network_outputs: keep quantizers on tensors that are model outputs (output placement).
-        unsigned_after: producer kinds after which the activation grid is made unsigned (OpenVINO: ReLU-like).
+        unsigned_non_negative: make the activation grid unsigned where the tensor is non-negative by
+            construction (after ReLU-like ops, through pooling/layout), as OpenVINO does.
     """
 
     quantize_inputs_of: frozenset[str] = frozenset()
@@ -43,7 +44,7 @@ class PlacementPolicy:
     passthrough: frozenset[str] = PASSTHROUGH_KINDS
     network_inputs: bool = True
     network_outputs: bool = True
-    unsigned_after: frozenset[str] = field(default_factory=frozenset)
+    unsigned_non_negative: bool = False
 
     @property
     def style(self) -> str:
@@ -58,11 +59,11 @@ class PlacementPolicy:
         return text + f", outputs {'on' if self.network_outputs else 'off'}"
 
 
-def input_placement(*kinds: str, network_inputs: bool = True, unsigned_after: frozenset[str] = frozenset()
+def input_placement(*kinds: str, network_inputs: bool = True, unsigned_non_negative: bool = False
                     ) -> PlacementPolicy:
     """Quantize the inputs of the given op kinds (outputs stay float)."""
     return PlacementPolicy(quantize_inputs_of=frozenset(kinds), network_inputs=network_inputs,
-                           network_outputs=False, unsigned_after=unsigned_after)
+                           network_outputs=False, unsigned_non_negative=unsigned_non_negative)
 
 
 def output_placement(network_inputs: bool = True, network_outputs: bool = True,

@@ -30,6 +30,9 @@ class FakeQuantizer(nn.Module):
             kernels; see ``mq_core.quant.functional``.
     """
 
+    #: Tracing never enters a fake quantizer (see mq_core.graph.capture).
+    mq_leaf = True
+
     def __init__(self, scheme: QuantScheme, observer: Observer | None = None, exact: bool = True) -> None:
         super().__init__()
         self.scheme = scheme
@@ -37,6 +40,8 @@ class FakeQuantizer(nn.Module):
         self.exact = exact
         #: qualified name inside the prepared model, set by prepare(); used in error messages.
         self.qname = "<unnamed quantizer>"
+        #: "weight" or "activation"; the calibration API switches the two groups separately.
+        self.role = "activation"
         shape = ()
         self.register_buffer("scale", torch.ones(shape, dtype=torch.float32))
         self.register_buffer("zero_point", torch.zeros(shape, dtype=torch.int32))

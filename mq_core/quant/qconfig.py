@@ -41,6 +41,16 @@ class QuantizerSpec:
             scheme, observer, exact=exact, **dict(self.fake_quantizer_options)
         )
 
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> QuantizerSpec:
+        return cls(
+            scheme=QuantScheme.from_dict(data["scheme"]),
+            observer=data["observer"],
+            fake_quantizer=data["fake_quantizer"],
+            observer_options=dict(data.get("observer_options", {})),
+            fake_quantizer_options=dict(data.get("fake_quantizer_options", {})),
+        )
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "scheme": self.scheme.to_dict(),
@@ -61,6 +71,11 @@ class QConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "weight": self.weight.to_dict(), "activation": self.activation.to_dict()}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> QConfig:
+        return cls(QuantizerSpec.from_dict(data["weight"]), QuantizerSpec.from_dict(data["activation"]),
+                   name=data.get("name", "default"))
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,174 @@
+"""Activation quantizer placement: annotate the graph from a backend's policy, then materialise quantizers.
+
+Two steps, as in torchao's pt2e design:
+
+1. ``annotate`` reads the ``PlacementPolicy`` and decides, per tensor (fx node output), whether it is quantized
+   and for which consumers (all of them, or only the ops that asked for a quantized input). The result is a plain
+   table (``QuantizedTensor`` records), easy to inspect and test.
+2. ``materialize`` inserts exactly one fake quantizer per quantized tensor and rewires the consumers.
+
+So one tensor never gets two quantizers, policies stay data, and the graph rewriting lives here only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import fx, nn
+
+from mq_core.graph.ops import is_float_tensor, op_kind, produces_nonnegative, tensor_args
+from mq_core.graph.policy import PlacementPolicy
+from mq_core.quant.qconfig import QuantizerSpec
+
+
+@dataclass
+class QuantizedTensor:
+    """One tensor to quantize: its producer node and the consumers that read the quantized version."""
+
+    producer: fx.Node
+    consumers: list[fx.Node] | None = None  # None: every consumer
+    unsigned: bool = False
+    reason: str = ""
+    quantizer: str = ""  # module name, set by materialize
+
+    def add_consumer(self, node: fx.Node) -> None:
+        if self.consumers is not None and node not in self.consumers:
+            self.consumers.append(node)
+
+
+@dataclass
+class Skip:
+    """Layers left in float: by module qualified name / fx node name, module type, or function."""
+
+    names: frozenset[str] = frozenset()
+    types: tuple[type, ...] = ()
+    functions: frozenset[Any] = frozenset()
+
+    @classmethod
+    def build(cls, items: Iterable[str | type | Callable[..., Any]]) -> Skip:
+        items = list(items)
+        return cls(
+            names=frozenset(i for i in items if isinstance(i, str)),
+            types=tuple(i for i in items if isinstance(i, type)),
+            functions=frozenset(i for i in items if callable(i) and not isinstance(i, type)),
+        )
+
+    def __call__(self, node: fx.Node, modules: dict[str, nn.Module]) -> bool:
+        if node.name in self.names:
+            return True
+        if node.op == "call_module":
+            target = str(node.target)
+            if any(target == n or target.startswith(n + ".") for n in self.names):
+                return True
+            return bool(self.types) and isinstance(modules[target], self.types)
+        return node.op == "call_function" and node.target in self.functions
+
+
+@dataclass
+class Annotation:
+    """The placement decision for a whole graph."""
+
+    tensors: dict[fx.Node, QuantizedTensor] = field(default_factory=dict)
+
+    def request(self, producer: fx.Node, consumer: fx.Node | None, reason: str) -> QuantizedTensor:
+        record = self.tensors.get(producer)
+        if record is None:
+            record = self.tensors[producer] = QuantizedTensor(producer, None if consumer is None else [], reason=reason)
+        elif consumer is None:
+            record.consumers = None
+        if consumer is not None:
+            record.add_consumer(consumer)
+        return record
+
+
+def _source(node: fx.Node, modules: dict[str, nn.Module], policy: PlacementPolicy) -> fx.Node:
+    """Follow pass-through ops back to the node that computed the values."""
+    while op_kind(node, modules) in policy.passthrough and tensor_args(node):
+        node = tensor_args(node)[0]
+    return node
+
+
+def annotate(gm: fx.GraphModule, policy: PlacementPolicy, skip: Skip) -> Annotation:
+    """Decide which tensors get quantizers under ``policy`` (nothing is changed in the graph)."""
+    modules = dict(gm.named_modules())
+    ann = Annotation()
+    nodes = [n for n in gm.graph.nodes if n.op not in ("output", "get_attr")]
+    used_by = {n: [u for u in n.users if u.op != "output" and not skip(u, modules)] for n in nodes}
+
+    if policy.network_inputs:
+        for node in nodes:
+            if node.op == "placeholder" and is_float_tensor(node) and used_by[node]:
+                ann.request(node, None, "network input")
+
+    for node in nodes:
+        if node.op == "placeholder" or skip(node, modules) or not is_float_tensor(node):
+            continue
+        kind = op_kind(node, modules)
+        if kind in policy.passthrough and not tensor_args(node):
+            kind = "other"  # e.g. getitem on a tuple output: there is no input grid to pass through
+        if kind in policy.quantize_inputs_of:
+            for arg in tensor_args(node):
+                ann.request(arg, node, f"input of {kind}")
+        if kind in policy.quantize_outputs_of:
+            _annotate_output(node, kind, modules, policy, ann)
+
+    if policy.quantize_outputs_of and not policy.network_outputs:
+        output = next(n for n in gm.graph.nodes if n.op == "output")
+        for produced in tensor_args(output):
+            record = ann.tensors.get(produced)
+            if record is not None and record.reason.startswith("output") and not used_by[produced]:
+                del ann.tensors[produced]
+
+    if policy.unsigned_non_negative:
+        for record in ann.tensors.values():
+            record.unsigned = produces_nonnegative(record.producer, modules)
+    return ann
+
+
+def _annotate_output(
+    node: fx.Node, kind: str, modules: dict[str, nn.Module], policy: PlacementPolicy, ann: Annotation
+) -> None:
+    """Output placement for one compute node, with activation merging and pass-through."""
+    users = list(node.users)
+    if kind in policy.merge_into_producer and tensor_args(node):
+        if _source(tensor_args(node)[0], modules, policy) in ann.tensors:
+            return  # ReLU of an already-quantized tensor stays on its grid (pass-through)
+    if len(users) == 1 and users[0].op != "output" and op_kind(users[0], modules) in policy.merge_into_producer:
+        return  # the following ReLU/ReLU6 carries this tensor's quantizer
+    ann.request(node, None, f"output of {kind}")
+
+
+def materialize(
+    gm: fx.GraphModule, ann: Annotation, spec: QuantizerSpec, exact: bool = True
+) -> dict[str, nn.Module]:
+    """Insert one fake quantizer per annotated tensor; returns {module name: quantizer}."""
+    created: dict[str, nn.Module] = {}
+    for producer, record in ann.tensors.items():
+        qspec = spec
+        if record.unsigned and spec.scheme.signed:
+            qspec = spec.replace(scheme=spec.scheme.replace(signed=False, narrow_range=False))
+        fq = qspec.build(exact=exact)
+        name = _free_name(gm, f"{producer.name}_fq")
+        fq.qname = name
+        fq.role = "activation"
+        gm.add_submodule(name, fq)
+        consumers = list(producer.users) if record.consumers is None else list(record.consumers)
+        with gm.graph.inserting_after(producer):
+            qnode = gm.graph.call_module(name, (producer,))
+        for consumer in consumers:
+            consumer.replace_input_with(producer, qnode)
+        qnode.meta = {k: v for k, v in producer.meta.items() if k == "tensor_meta"}
+        record.quantizer = name
+        created[name] = fq
+    gm.graph.lint()
+    gm.recompile()
+    return created
+
+
+def _free_name(gm: fx.GraphModule, name: str) -> str:
+    candidate, i = name, 1
+    while hasattr(gm, candidate):
+        candidate, i = f"{name}_{i}", i + 1
+    return candidate

@@ -1,0 +1,161 @@
+"""KL observer: TensorRT's entropy calibration ("8-bit Inference with TensorRT", Migacz, GTC 2017).
+
+The threshold is the one whose clipped-and-quantized distribution of ``|x|`` loses the least information
+(smallest KL divergence) relative to the clipped distribution: unlike a fixed percentile it adapts to how heavy
+the tail is, which is why it is TensorRT's default for activations.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+
+from mq_core.errors import ConfigError
+from mq_core.quant.observers.minmax import MinMaxObserver
+from mq_core.quant.scheme import QuantScheme
+
+#: Count given to empty bins before taking logs (MXNet/ONNX Runtime's ``_smooth_distribution``).
+SMOOTHING = 1e-4
+#: Thresholds evaluated at once; bounds the [thresholds, bins] work arrays to a few MB.
+CHUNK = 128
+
+
+def magnitude_histogram(values: torch.Tensor, limit: torch.Tensor, bins: int) -> torch.Tensor:
+    """float64 counts of ``values`` (>= 0) in ``bins`` equal bins over [0, limit]; everything in bin 0 if limit is 0."""
+    per_unit = bins / limit if limit > 0 else torch.zeros_like(limit)
+    index = torch.floor(values * per_unit).clamp_(0, bins - 1).long()
+    return torch.bincount(index, minlength=bins).to(torch.float64)
+
+
+def rebin(hist: torch.Tensor, old_limit: torch.Tensor, new_limit: torch.Tensor) -> torch.Tensor:
+    """Move a histogram over [0, old_limit] onto the same number of bins over [0, new_limit >= old_limit].
+
+    Mass is taken as uniform inside each old bin: new bin counts are differences of the old histogram's
+    piecewise-linear CDF at the new edges, so the total count is preserved.
+    """
+    bins = hist.numel()
+    if old_limit == new_limit:
+        return hist
+    if old_limit == 0:
+        moved = torch.zeros_like(hist)
+        moved[0] = hist.sum()
+        return moved
+    edges = torch.arange(bins + 1, dtype=torch.float64) * (float(new_limit) / float(old_limit))
+    edges = edges.clamp_(max=bins)
+    k = edges.floor().long().clamp_(max=bins - 1)
+    below = torch.cat([hist.new_zeros(1), hist.cumsum(0)])
+    cdf = below[k] + (edges - k) * hist[k]
+    return cdf.diff()
+
+
+def _smooth(dist: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Give empty valid bins ``SMOOTHING`` counts, taken evenly from the non-empty ones (rows of [T, B]).
+
+    Returns the smoothed rows and whether each row had any mass. Fractional counts (left by re-binning) are
+    floored at ``SMOOTHING`` so no bin goes negative.
+    """
+    nonzero = dist > 0
+    n_nonzero = nonzero.sum(dim=1, keepdim=True)
+    n_zero = valid.sum(dim=1, keepdim=True) - n_nonzero
+    taken = SMOOTHING * n_zero / n_nonzero.clamp(min=1)
+    empty = torch.where(valid, SMOOTHING, 0.0).to(dist.dtype)
+    return torch.where(nonzero, (dist - taken).clamp(min=SMOOTHING), empty), n_nonzero.squeeze(1) > 0
+
+
+def kl_divergences(hist: torch.Tensor, levels: int) -> torch.Tensor:
+    """KL(P || Q) for every threshold i = levels .. bins (i bins kept); entry ``j`` is threshold ``levels + j``.
+
+    Per threshold i: P is ``hist[:i]`` with the outliers ``hist[i:]`` added to its last bin; Q merges
+    ``hist[:i]`` (outliers excluded, so clipping is penalised) into ``levels`` groups of ``i // levels`` bins, the
+    last group taking the remainder, and spreads each group's count evenly over the group's bins where P is
+    non-zero (zeros preserved). Both are smoothed and normalised. Thresholds are processed in chunks of
+    [CHUNK, bins] arrays instead of a Python loop per threshold.
+    """
+    bins = hist.numel()
+    below = torch.cat([hist.new_zeros(1), hist.cumsum(0)])
+    position = torch.arange(bins)
+    out = []
+    for kept in torch.arange(levels, bins + 1).split(CHUNK):
+        i = kept[:, None]
+        valid = position < i
+        p = torch.where(valid, hist, 0.0)
+        p.scatter_add_(1, i - 1, (below[-1] - below[kept])[:, None])
+        nonzero = p > 0
+        merged = i // levels
+        group = torch.clamp(position // merged, max=levels - 1)
+        start = group * merged
+        stop = torch.where(group == levels - 1, i, start + merged)
+        nonzero_below = torch.cat([torch.zeros_like(i), nonzero.cumsum(dim=1)], dim=1)
+        group_nonzero = nonzero_below.gather(1, stop) - nonzero_below.gather(1, start)
+        q = torch.where(nonzero, (below[stop] - below[start]) / group_nonzero.clamp(min=1), 0.0)
+        p, _ = _smooth(p, valid)
+        q, q_has_mass = _smooth(q, valid)
+        p = p / p.sum(dim=1, keepdim=True)
+        q = q / q.sum(dim=1, keepdim=True)
+        kl = torch.where(valid, p * torch.log(p / q), 0.0).sum(dim=1)
+        out.append(torch.where(q_has_mass, kl, torch.inf))
+    return torch.cat(out)
+
+
+class KLObserver(MinMaxObserver):
+    """Entropy-calibrated per-tensor range from a histogram of ``|x|`` accumulated over all batches.
+
+    The histogram covers [0, running max |x|] in ``bins`` bins; when a batch exceeds the range, the accumulated
+    histogram is re-binned into the wider range (uniform mass inside old bins) before the batch is added.
+
+    Choices, documented because implementations differ:
+
+    * quantized levels spent on [0, amax]: ``2**(bits-1)`` for signed symmetric grids (128 for int8, as
+      TensorRT), ``2**bits`` for unsigned symmetric ones; for affine grids ``2**bits`` when every value seen is
+      >= 0, else ``2**(bits-1)`` (the histogram folds both signs onto |x|).
+    * amax = ``i * bin_width``, the upper edge of the last kept bin, i.e. exactly the range P was built on
+      (MXNet, ONNX Runtime and pytorch-quantization; the GTC slides' ``(i + 0.5) * width`` differs by half a bin).
+    * ties pick the largest threshold (clip as little as the divergence allows).
+    * returned range: [-amax, amax] signed symmetric, [0, amax] unsigned symmetric, and for affine grids the
+      seen range clipped to amax, ``[max(min_seen, -amax), min(max_seen, amax)]``.
+
+    Per-channel is not supported: a 2048-bin histogram per channel is neither cheap nor statistically meaningful.
+
+    Args:
+        bins: histogram bins; must be at least the number of quantized levels (2**bits covers every case).
+    """
+
+    per_channel_supported: ClassVar[bool] = False
+
+    def __init__(self, scheme: QuantScheme, bins: int = 2048) -> None:
+        super().__init__(scheme)
+        if bins < 2**scheme.bits:
+            raise ConfigError(
+                f"kl observer needs at least 2**bits = {2**scheme.bits} histogram bins for {scheme.describe()}, "
+                f"got bins={bins!r}."
+            )
+        self.bins = int(bins)
+        self.register_buffer("histogram", torch.empty(0, dtype=torch.float64))
+
+    def _limit(self) -> torch.Tensor:
+        return torch.maximum(-self.min_val, self.max_val).clamp(min=0)
+
+    def observe(self, x: torch.Tensor) -> None:
+        old_limit = self._limit() if self.observed else None
+        super().observe(x)
+        limit = self._limit()
+        counts = magnitude_histogram(x.abs().flatten(), limit, self.bins)
+        if old_limit is not None:
+            counts += rebin(self.histogram, old_limit, limit)
+        self.histogram = counts
+
+    def quant_levels(self) -> int:
+        """Grid levels available to [0, amax] (see the class docstring)."""
+        s = self.scheme
+        full = (not s.signed) if s.symmetric else bool(self.min_val >= 0)
+        return 2**s.bits if full else 2 ** (s.bits - 1)
+
+    def compute_range(self) -> tuple[torch.Tensor, torch.Tensor]:
+        levels = self.quant_levels()
+        divergences = kl_divergences(self.histogram, levels)
+        best = divergences.numel() - 1 - int(torch.argmin(divergences.flip(0)))
+        amax = (self._limit() * ((levels + best) / self.bins)).to(torch.float32)
+        if not self.scheme.symmetric:
+            return torch.maximum(self.min_val, -amax), torch.minimum(self.max_val, amax)
+        return (-amax if self.scheme.signed else torch.zeros_like(amax)), amax
