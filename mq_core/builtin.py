@@ -14,7 +14,11 @@ from mq_core.hookspecs import hookimpl
 from mq_core.nn.patterns import standard_patterns
 from mq_core.nn.qat import QAT_MODULES
 from mq_core.quant.fake_quant import FixedFakeQuantizer
+from mq_core.quant.observers.clip_std import ClipStdObserver
+from mq_core.quant.observers.kl import KLObserver
 from mq_core.quant.observers.minmax import EMAMinMaxObserver, MinMaxObserver
+from mq_core.quant.observers.mse import MSEObserver
+from mq_core.quant.observers.percentile import PercentileObserver
 from mq_core.quant.qconfig import QConfig, QConfigPreset, QuantizerSpec
 from mq_core.quant.scheme import INT8_SYM_PER_CHANNEL, UINT8_AFFINE
 
@@ -57,6 +61,10 @@ PRESETS = (
 def register_observers(register: Any) -> None:
     register(MinMaxObserver, name="minmax")
     register(EMAMinMaxObserver, name="ema_minmax", aliases=("ema",))
+    register(PercentileObserver, name="percentile", aliases=("ema_quantile",))
+    register(MSEObserver, name="mse")
+    register(KLObserver, name="kl", aliases=("entropy", "histogram"))
+    register(ClipStdObserver, name="clip_std")
 
 
 @hookimpl

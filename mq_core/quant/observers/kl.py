@@ -17,8 +17,8 @@ from mq_core.quant.scheme import QuantScheme
 
 #: Count given to empty bins before taking logs (MXNet/ONNX Runtime's ``_smooth_distribution``).
 SMOOTHING = 1e-4
-#: Thresholds evaluated at once; bounds the [thresholds, bins] work arrays to a few MB.
-CHUNK = 128
+#: Thresholds evaluated at once: [CHUNK, bins] float64 work arrays of at most 4 MB each for 2048 bins.
+CHUNK = 256
 
 
 def magnitude_histogram(values: torch.Tensor, limit: torch.Tensor, bins: int) -> torch.Tensor:
@@ -41,7 +41,7 @@ def rebin(hist: torch.Tensor, old_limit: torch.Tensor, new_limit: torch.Tensor) 
         moved = torch.zeros_like(hist)
         moved[0] = hist.sum()
         return moved
-    edges = torch.arange(bins + 1, dtype=torch.float64) * (float(new_limit) / float(old_limit))
+    edges = torch.arange(bins + 1, dtype=torch.float64, device=hist.device) * (float(new_limit) / float(old_limit))
     edges = edges.clamp_(max=bins)
     k = edges.floor().long().clamp_(max=bins - 1)
     below = torch.cat([hist.new_zeros(1), hist.cumsum(0)])
@@ -58,8 +58,8 @@ def _smooth(dist: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torc
     nonzero = dist > 0
     n_nonzero = nonzero.sum(dim=1, keepdim=True)
     n_zero = valid.sum(dim=1, keepdim=True) - n_nonzero
-    taken = SMOOTHING * n_zero / n_nonzero.clamp(min=1)
-    empty = torch.where(valid, SMOOTHING, 0.0).to(dist.dtype)
+    taken = SMOOTHING * n_zero.to(dist.dtype) / n_nonzero.clamp(min=1)
+    empty = valid.to(dist.dtype) * SMOOTHING
     return torch.where(nonzero, (dist - taken).clamp(min=SMOOTHING), empty), n_nonzero.squeeze(1) > 0
 
 
@@ -69,31 +69,39 @@ def kl_divergences(hist: torch.Tensor, levels: int) -> torch.Tensor:
     Per threshold i: P is ``hist[:i]`` with the outliers ``hist[i:]`` added to its last bin; Q merges
     ``hist[:i]`` (outliers excluded, so clipping is penalised) into ``levels`` groups of ``i // levels`` bins, the
     last group taking the remainder, and spreads each group's count evenly over the group's bins where P is
-    non-zero (zeros preserved). Both are smoothed and normalised. Thresholds are processed in chunks of
-    [CHUNK, bins] arrays instead of a Python loop per threshold.
+    non-zero (zeros preserved). Both are smoothed; a Q without mass scores infinity.
+
+    Vectorised over chunks of CHUNK thresholds: group sums and non-zero counts come from 1-D cumulative sums,
+    only the first ``max(i)`` columns of a chunk are touched, and the rows are never normalised:
+    ``KL = sum(a log(a / b)) / A + log(B / A)`` for row sums A, B.
     """
     bins = hist.numel()
     below = torch.cat([hist.new_zeros(1), hist.cumsum(0)])
-    position = torch.arange(bins)
+    nonzero_below = torch.cat([hist.new_zeros(1, dtype=torch.int64), (hist > 0).cumsum(0)])
+    boundaries = torch.arange(levels + 1, device=hist.device)
     out = []
-    for kept in torch.arange(levels, bins + 1).split(CHUNK):
+    for kept in torch.arange(levels, bins + 1, device=hist.device).split(CHUNK):
+        width = int(kept[-1])
         i = kept[:, None]
+        position = torch.arange(width, device=hist.device)
         valid = position < i
-        p = torch.where(valid, hist, 0.0)
-        p.scatter_add_(1, i - 1, (below[-1] - below[kept])[:, None])
+        outliers = below[-1] - below[kept]
+        p = torch.where(valid, hist[:width], 0.0)
+        p.scatter_add_(1, i - 1, outliers[:, None])
         nonzero = p > 0
         merged = i // levels
+        edges = torch.where(boundaries == levels, i, boundaries * merged)
+        group_sum = below[edges].diff(dim=1)
+        group_nonzero = nonzero_below[edges].diff(dim=1)
+        # P's last bin is non-zero when outliers land in an empty hist[i - 1].
+        group_nonzero[:, -1] += (hist[kept - 1] == 0) & (outliers > 0)
+        share = group_sum / group_nonzero.clamp(min=1)
         group = torch.clamp(position // merged, max=levels - 1)
-        start = group * merged
-        stop = torch.where(group == levels - 1, i, start + merged)
-        nonzero_below = torch.cat([torch.zeros_like(i), nonzero.cumsum(dim=1)], dim=1)
-        group_nonzero = nonzero_below.gather(1, stop) - nonzero_below.gather(1, start)
-        q = torch.where(nonzero, (below[stop] - below[start]) / group_nonzero.clamp(min=1), 0.0)
-        p, _ = _smooth(p, valid)
-        q, q_has_mass = _smooth(q, valid)
-        p = p / p.sum(dim=1, keepdim=True)
-        q = q / q.sum(dim=1, keepdim=True)
-        kl = torch.where(valid, p * torch.log(p / q), 0.0).sum(dim=1)
+        q = torch.where(nonzero, share.gather(1, group), 0.0)
+        a, _ = _smooth(p, valid)
+        b, q_has_mass = _smooth(q, valid)
+        mass_a, mass_b = a.sum(dim=1), b.sum(dim=1)
+        kl = torch.where(valid, a * torch.log(a / b), 0.0).sum(dim=1) / mass_a + torch.log(mass_b / mass_a)
         out.append(torch.where(q_has_mass, kl, torch.inf))
     return torch.cat(out)
 
@@ -115,7 +123,8 @@ class KLObserver(MinMaxObserver):
     * returned range: [-amax, amax] signed symmetric, [0, amax] unsigned symmetric, and for affine grids the
       seen range clipped to amax, ``[max(min_seen, -amax), min(max_seen, amax)]``.
 
-    Per-channel is not supported: a 2048-bin histogram per channel is neither cheap nor statistically meaningful.
+    Per-channel is not supported: a 2048-bin histogram per channel is costly, and a weight channel has too few
+    elements to fill one.
 
     Args:
         bins: histogram bins; must be at least the number of quantized levels (2**bits covers every case).
@@ -134,7 +143,7 @@ class KLObserver(MinMaxObserver):
         self.register_buffer("histogram", torch.empty(0, dtype=torch.float64))
 
     def _limit(self) -> torch.Tensor:
-        return torch.maximum(-self.min_val, self.max_val).clamp(min=0)
+        return torch.maximum(-self.min_val, self.max_val)
 
     def observe(self, x: torch.Tensor) -> None:
         old_limit = self._limit() if self.observed else None
