@@ -24,6 +24,7 @@ from mq_core.errors import (
     UnknownNameError,
     VerificationError,
 )
+from mq_core.export import Artifact, Exporter, ExportResult, export
 from mq_core.graph.policy import PlacementPolicy, input_placement, output_placement
 from mq_core.hookspecs import hookimpl
 from mq_core.nn import FrozenBatchNorm2d, freeze_bn, unfreeze_bn
@@ -49,12 +50,17 @@ from mq_core.quant.fake_quant import FakeQuantizer, FixedFakeQuantizer
 from mq_core.quant.observers.base import Observer
 from mq_core.quant.qconfig import QConfig, QConfigPreset, QuantizerSpec
 from mq_core.quant.scheme import QuantScheme
+from mq_core.runtimes.base import Runtime
+from mq_core.verify import VerificationReport, verify
 
 __all__ = [
+    "Artifact",
     "Backend",
     "CalibrationError",
     "ConfigError",
     "ExportError",
+    "ExportResult",
+    "Exporter",
     "FakeQuantizer",
     "FixedFakeQuantizer",
     "FrozenBatchNorm2d",
@@ -67,15 +73,18 @@ __all__ = [
     "QConfigPreset",
     "QuantScheme",
     "QuantizerSpec",
+    "Runtime",
     "SchemeError",
     "TraceError",
     "UnknownNameError",
     "VerificationError",
+    "VerificationReport",
     "__version__",
     "calibrate",
     "disable_all",
     "enable_calibration",
     "enable_quantization",
+    "export",
     "freeze_bn",
     "get_backend",
     "get_entry",
@@ -102,4 +111,5 @@ __all__ = [
     "restore",
     "save_checkpoint",
     "unfreeze_bn",
+    "verify",
 ]

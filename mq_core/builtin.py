@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from mq_core.backend import Backend
+from mq_core.export.qdq import QDQExporter
 from mq_core.graph.policy import output_placement
 from mq_core.hookspecs import hookimpl
 from mq_core.nn.patterns import standard_patterns
@@ -21,6 +22,7 @@ from mq_core.quant.observers.mse import MSEObserver
 from mq_core.quant.observers.percentile import PercentileObserver
 from mq_core.quant.qconfig import QConfig, QConfigPreset, QuantizerSpec
 from mq_core.quant.scheme import INT8_SYM_PER_CHANNEL, UINT8_AFFINE
+from mq_core.runtimes.onnxruntime import OnnxRuntime, OnnxRuntimeOptimized
 
 QDQ_BACKEND = Backend(
     name="qdq",
@@ -47,6 +49,10 @@ PRESETS = (
         weight_bits=8, activation_bits=8,
         weight_scheme={"symmetric": True, "pot_scale": True},
         activation_scheme={"pot_scale": True},
+    ),
+    QConfigPreset(
+        "reduce-range", "7-bit weights: ONNX Runtime's u8s8 integer kernels on x86 CPUs without VNNI (AVX2 only) "
+        "saturate int16 sums with full 8-bit weights; 7-bit weights avoid it.", weight_bits=7, activation_bits=8,
     ),
     QConfigPreset("w4a8", "4-bit weights (MSE range search), 8-bit activations.", weight_bits=4,
                   activation_bits=8, weight_observer="mse"),
@@ -93,3 +99,14 @@ def register_fusion_patterns(register: Any) -> None:
 def register_qat_modules(register: Any) -> None:
     for float_type, qat_type in QAT_MODULES.items():
         register(float_type, qat_type)
+
+
+@hookimpl
+def register_exporters(register: Any) -> None:
+    register(QDQExporter())
+
+
+@hookimpl
+def register_runtimes(register: Any) -> None:
+    register(OnnxRuntime())
+    register(OnnxRuntimeOptimized())

@@ -9,6 +9,7 @@ The result is an ``nn.Module`` (a GraphModule, or the original model with quanti
 from __future__ import annotations
 
 import copy
+import importlib
 import logging
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -56,7 +57,8 @@ class PrepareInfo:
         }
 
 
-def _as_tuple(example_inputs: Any) -> tuple[Any, ...]:
+def as_inputs(example_inputs: Any) -> tuple[Any, ...]:
+    """Example inputs as a tuple (a single tensor is wrapped)."""
     if isinstance(example_inputs, torch.Tensor):
         return (example_inputs,)
     if isinstance(example_inputs, (tuple, list)):
@@ -150,12 +152,18 @@ def _submodule_inputs(model: nn.Module, names: Sequence[str], example_inputs: tu
         except AttributeError as exc:
             raise ConfigError(f"model has no sub-module {name!r} to quantize ({exc}).") from None
         hooks.append(sub.register_forward_pre_hook(lambda _m, args, n=name: captured.setdefault(n, args)))
+    # Eval mode for this probe run: in QAT mode the model may be training, and a training-mode forward would
+    # update every BatchNorm's running statistics with the example inputs before they are copied into QAT modules.
+    training = {m: m.training for m in model.modules()}
+    model.eval()
     try:
         with torch.no_grad():
             model(*example_inputs)
     finally:
         for h in hooks:
             h.remove()
+        for m, flag in training.items():
+            m.training = flag
     missing = [n for n in names if n not in captured]
     if missing:
         raise ConfigError(f"sub-modules {missing} are never called by the model's forward on example_inputs.")
@@ -198,7 +206,7 @@ def prepare(
         raise ConfigError(f"prepare() needs an nn.Module, got {type(model).__name__}.")
     backend = get_backend(backend)
     resolved = backend.resolve_qconfig(qconfig)
-    inputs = _as_tuple(example_inputs)
+    inputs = as_inputs(example_inputs)
     skip_items = list(skip)
     skipper = Skip.build(skip_items)
     root = model if inplace else copy.deepcopy(model)
@@ -222,13 +230,39 @@ def prepare(
         qconfig=resolved,
         mode=mode,
         modules=list(modules or []),
-        skip=[s if isinstance(s, str) else getattr(s, "__qualname__", str(s)) for s in skip_items],
-        leaf_modules=[s if isinstance(s, str) else s.__qualname__ for s in leaf_modules],
+        skip=[object_ref(s) for s in skip_items],
+        leaf_modules=[object_ref(s) for s in leaf_modules],
         exact=exact,
         placements=placements,
     )
     log.info("prepared %s for %s (%s, %s)", type(model).__name__, backend.name, resolved.name, mode)
     return result
+
+
+def object_ref(obj: Any) -> str:
+    """A skip/leaf item as plain text for ``PrepareInfo``: names stay as they are; a type or function becomes
+    ``"module:qualname"`` (a ':' never occurs in a module name), so that ``checkpoint.restore`` can import it
+    again. Recording only ``__qualname__`` ("Linear") made a restored model treat it as a module name."""
+    if isinstance(obj, str):
+        return obj
+    module = getattr(obj, "__module__", None)
+    for attr in ("__qualname__", "__name__"):
+        name = getattr(obj, attr, None)
+        if module and name and resolve_ref(f"{module}:{name}") is obj:
+            return f"{module}:{name}"
+    return repr(obj)
+
+
+def resolve_ref(ref: str) -> Any:
+    """The type or function named by ``object_ref``'s ``"module:qualname"``; None when it cannot be imported."""
+    module_name, _, qualname = ref.partition(":")
+    try:
+        obj: Any = importlib.import_module(module_name)
+        for part in qualname.split("."):
+            obj = getattr(obj, part)
+    except (ImportError, AttributeError, ValueError):
+        return None
+    return obj
 
 
 def prepare_info(qmodel: nn.Module) -> PrepareInfo:

@@ -20,6 +20,7 @@ from torch import fx, nn
 
 from mq_core.graph.ops import is_float_tensor, op_kind, produces_nonnegative, tensor_args
 from mq_core.graph.policy import PlacementPolicy
+from mq_core.nn.fused import FusedModule
 from mq_core.quant.qconfig import QuantizerSpec
 
 
@@ -62,7 +63,11 @@ class Skip:
             target = str(node.target)
             if any(target == n or target.startswith(n + ".") for n in self.names):
                 return True
-            return bool(self.types) and isinstance(modules[target], self.types)
+            # A fused container (Conv -> BN -> ReLU) is skipped as the layer it holds: skip=[nn.Conv2d] must keep a
+            # fused conv float too, not only the convs that happened to have nothing to fuse with.
+            module = modules[target]
+            layer = module.layer if isinstance(module, FusedModule) else module
+            return bool(self.types) and isinstance(layer, self.types)
         return node.op == "call_function" and node.target in self.functions
 
 
@@ -112,13 +117,20 @@ def annotate(gm: fx.GraphModule, policy: PlacementPolicy, skip: Skip) -> Annotat
             for arg in tensor_args(node):
                 ann.request(arg, node, f"input of {kind}")
         if kind in policy.quantize_outputs_of:
-            _annotate_output(node, kind, modules, policy, ann)
+            _annotate_output(node, kind, modules, policy, ann, skip)
 
     if policy.quantize_outputs_of and not policy.network_outputs:
         output = next(n for n in gm.graph.nodes if n.op == "output")
         for produced in tensor_args(output):
+            # A network output reached through pass-through ops (``fc(x).flatten(1)``) has its quantizer on the
+            # op before them: walk back along the chain while it feeds nothing but the output.
+            chain = {produced}
+            while (produced not in ann.tensors and op_kind(produced, modules) in policy.passthrough
+                   and tensor_args(produced) and len(tensor_args(produced)[0].users) == 1):
+                produced = tensor_args(produced)[0]
+                chain.add(produced)
             record = ann.tensors.get(produced)
-            if record is not None and record.reason.startswith("output") and not used_by[produced]:
+            if record is not None and record.reason.startswith("output") and set(used_by[produced]) <= chain:
                 del ann.tensors[produced]
 
     if policy.unsigned_non_negative:
@@ -127,16 +139,32 @@ def annotate(gm: fx.GraphModule, policy: PlacementPolicy, skip: Skip) -> Annotat
     return ann
 
 
+def _has_reader(node: fx.Node, modules: dict[str, nn.Module], policy: PlacementPolicy, skip: Skip) -> bool:
+    """Whether the network output or an op that is not skipped reads ``node``'s values (looking through
+    pass-through ops). A skipped layer stays float: no output quantizer is placed only for it to read."""
+    for user in node.users:
+        if user.op == "output":
+            return True
+        if skip(user, modules):
+            continue
+        if op_kind(user, modules) not in policy.passthrough or _has_reader(user, modules, policy, skip):
+            return True
+    return False
+
+
 def _annotate_output(
-    node: fx.Node, kind: str, modules: dict[str, nn.Module], policy: PlacementPolicy, ann: Annotation
+    node: fx.Node, kind: str, modules: dict[str, nn.Module], policy: PlacementPolicy, ann: Annotation, skip: Skip
 ) -> None:
     """Output placement for one compute node, with activation merging and pass-through."""
     users = list(node.users)
     if kind in policy.merge_into_producer and tensor_args(node):
         if _source(tensor_args(node)[0], modules, policy) in ann.tensors:
             return  # ReLU of an already-quantized tensor stays on its grid (pass-through)
-    if len(users) == 1 and users[0].op != "output" and op_kind(users[0], modules) in policy.merge_into_producer:
-        return  # the following ReLU/ReLU6 carries this tensor's quantizer
+    if (len(users) == 1 and users[0].op != "output" and not skip(users[0], modules)
+            and op_kind(users[0], modules) in policy.merge_into_producer):
+        return  # the following ReLU/ReLU6 carries this tensor's quantizer (a skipped one carries none)
+    if not _has_reader(node, modules, policy, skip):
+        return
     ann.request(node, None, f"output of {kind}")
 
 
@@ -152,6 +180,7 @@ def materialize(
         fq = qspec.build(exact=exact)
         name = _free_name(gm, f"{producer.name}_fq")
         fq.qname = name
+        fq.tensor = producer.name
         fq.role = "activation"
         gm.add_submodule(name, fq)
         consumers = list(producer.users) if record.consumers is None else list(record.consumers)

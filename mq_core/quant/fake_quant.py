@@ -42,6 +42,8 @@ class FakeQuantizer(nn.Module):
         self.qname = "<unnamed quantizer>"
         #: "weight" or "activation"; the calibration API switches the two groups separately.
         self.role = "activation"
+        #: name of the quantized tensor (the producing fx node), set by placement; names it in exports.
+        self.tensor = ""
         shape = ()
         self.register_buffer("scale", torch.ones(shape, dtype=torch.float32))
         self.register_buffer("zero_point", torch.zeros(shape, dtype=torch.int32))

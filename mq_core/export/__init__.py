@@ -1,0 +1,70 @@
+"""Export: the deploy view, the canonical QDQ ONNX, the exporters' plumbing and ``export()``."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import onnx
+from torch import nn
+
+from mq_core.errors import ExportError
+from mq_core.export.canonical import export_qdq_onnx
+from mq_core.export.exporter import (
+    MANIFEST,
+    Artifact,
+    ExportContext,
+    Exporter,
+    ExportResult,
+    Runnable,
+    build_manifest,
+)
+from mq_core.io import atomic_write_text, staged_directory
+from mq_core.plugins.lookup import get_backend, get_entry, get_exporter
+from mq_core.prepare import as_inputs, prepare_info
+
+__all__ = ["Artifact", "ExportContext", "ExportResult", "Exporter", "Runnable", "export"]
+
+
+def _input_specs(model: onnx.ModelProto) -> list[dict[str, Any]]:
+    specs = []
+    for value in model.graph.input:
+        dims = [d.dim_param or d.dim_value for d in value.type.tensor_type.shape.dim]
+        specs.append({"name": value.name, "shape": dims,
+                      "dtype": onnx.helper.tensor_dtype_to_np_dtype(value.type.tensor_type.elem_type).name})
+    return specs
+
+
+def export(
+    qmodel: nn.Module,
+    example_inputs: Any,
+    out_dir: str | os.PathLike[str],
+    exporter: str | None = None,
+    **options: Any,
+) -> ExportResult:
+    """Export a calibrated prepared model with its backend's default exporter (or ``exporter``).
+
+    Writes the artifacts and ``manifest.json`` into ``out_dir`` atomically (nothing is left behind on failure)
+    and returns an ``ExportResult`` for ``mq.verify``. ``options`` are the exporter's (see ``mq exporters``).
+    """
+    info = prepare_info(qmodel)
+    backend = get_backend(info.backend)
+    chosen = get_exporter(exporter or backend.default_exporter)
+    if not chosen.serves(backend):
+        raise ExportError(
+            f"exporter {chosen.name!r} serves backends {list(chosen.backends)}, but this model was prepared for "
+            f"{backend.name!r}; use one of {list(backend.exporters)} or prepare the model for that backend."
+        )
+    parsed = chosen.parse_options(options)
+    backend.check(info.qconfig)
+    qdq_model, table = export_qdq_onnx(qmodel, as_inputs(example_inputs))
+    out = Path(out_dir)
+    with staged_directory(out) as stage:
+        ctx = ExportContext(qmodel, backend, chosen.name, qdq_model, table, stage, parsed)
+        chosen.export(ctx)
+        manifest = build_manifest(ctx, _input_specs(qdq_model), get_entry("backend", backend.name).distribution)
+        atomic_write_text(stage / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+        artifacts = [Artifact(a.kind, out / a.path.relative_to(stage), a.description) for a in ctx.artifacts]
+    return ExportResult(out, backend.name, chosen.name, artifacts, manifest, qmodel)

@@ -1,0 +1,184 @@
+"""The canonical QDQ ONNX: the deploy view exported with torch's dynamo exporter, then cleaned up.
+
+Every backend exporter starts from this model. Guarantees:
+
+* opset 18+, static shapes with a dynamic batch dimension (``batch``), shape-inferred;
+* weights as integer initializers + DequantizeLinear, scales and zero points as initializers (no arithmetic);
+* readable, stable names: a quantized tensor is named after the prepared graph's node that produces it (the
+  same name as in ``qmodel.mq_info.placements`` and in the manifest), its Q/DQ nodes after it;
+* deterministic bytes: no stack traces or file paths in metadata.
+"""
+
+from __future__ import annotations
+
+import ast
+import contextlib
+import inspect
+import logging
+import warnings
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import onnx
+import torch
+from torch import nn
+
+from mq_core import __version__
+from mq_core.errors import ExportError
+from mq_core.export.deploy import DeployLayer, DeployQuantizer, deploy_view
+from mq_core.export.onnx_graph import Graph
+from mq_core.export.ops import TRANSLATIONS
+from mq_core.export.quant_table import QuantTable, TensorQuant
+
+log = logging.getLogger(__name__)
+
+OPSET = 18
+_SCOPES = "pkg.torch.onnx.name_scopes"
+
+
+@contextlib.contextmanager
+def _quiet_exporter() -> Iterator[None]:
+    """The dynamo exporter logs progress and optional-dependency notes on loggers/warnings: keep them quiet."""
+    names = ("torch.onnx", "torch.export", "torch._dynamo", "onnxscript", "torch.fx.experimental.symbolic_shapes")
+    loggers = [logging.getLogger(n) for n in names]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+def input_names(model: nn.Module, count: int) -> list[str]:
+    graph = getattr(model, "graph", None)
+    if graph is not None:
+        names = [n.name for n in graph.nodes if n.op == "placeholder"]
+    else:
+        names = [p for p in inspect.signature(model.forward).parameters if p not in ("self",)]
+    return names[:count] if len(names) >= count else [f"input_{i}" for i in range(count)]
+
+
+def _tensor_table(deploy: nn.Module) -> QuantTable:
+    """Ranges table keyed by the names the tensors will carry in the ONNX (tensor names, weight FQNs)."""
+    table: QuantTable = {}
+    for path, module in deploy.named_modules():
+        if isinstance(module, DeployQuantizer):
+            name, kind, frozen, qname = module.tensor, "activation", module.frozen, module.qname
+        elif isinstance(module, DeployLayer):
+            name, kind, frozen, qname = f"{path}.weight", "weight", module.frozen, module.qname
+        else:
+            continue
+        s = frozen.scheme
+        table[name] = TensorQuant(
+            name=name, kind=kind, quantizer=qname, bits=s.bits, signed=s.signed, symmetric=s.symmetric,
+            qmin=s.qmin, qmax=s.qmax, axis=frozen.axis,
+            scale=frozen.scale.numpy().astype(np.float32), zero_point=frozen.zero_point.numpy().astype(np.int64),
+        )
+    return table
+
+
+def _scopes(node: onnx.NodeProto) -> list[str]:
+    for prop in node.metadata_props:
+        if prop.key == _SCOPES:
+            return ast.literal_eval(prop.value)
+    return []
+
+
+def _free_names(graph: Graph, pairs: list, quantizers: dict[str, DeployQuantizer]) -> None:
+    """Move exporter-chosen names out of the way of the names mq is about to give quantized tensors."""
+    wanted = set()
+    for q in quantizers.values():
+        wanted |= {q.tensor, f"{q.tensor}_quantized", f"{q.tensor}_dequantized", f"{q.tensor}_clipped"}
+    holders = {p.input for p in pairs if p.quantize is not None}
+    existing = {o for n in graph.model.graph.node for o in n.output} | set(graph.initializers)
+    for name in sorted(existing & wanted):
+        if name in graph.outputs or (name in holders and any(q.tensor == name for q in quantizers.values())):
+            continue
+        k = 1
+        while f"{name}_{k}" in existing or f"{name}_{k}" in wanted:
+            k += 1
+        graph.rename(name, f"{name}_{k}")
+        existing.add(f"{name}_{k}")
+
+
+def _canonicalise(model: onnx.ModelProto, deploy: nn.Module, table: QuantTable) -> None:
+    """Rename quantized tensors and Q/DQ nodes, check that every scale is a constant, drop volatile metadata."""
+    graph = Graph(model)
+    quantizers = {p: m for p, m in deploy.named_modules() if isinstance(m, DeployQuantizer)}
+    layers = {p for p, m in deploy.named_modules() if isinstance(m, DeployLayer)}
+    pairs = graph.qdq_pairs()
+    _free_names(graph, pairs, quantizers)
+    for pair in pairs:
+        if not (graph.is_constant(pair.scale) and graph.is_constant(pair.zero_point)):
+            raise ExportError(f"the exported graph computes the scale of {pair.output} at run time; mq exports "
+                              "scales as constants only (this is a bug: please report it).")
+        scopes = _scopes(pair.dequantize)
+        if pair.quantize is None:  # a weight
+            layer = next((s for s in reversed(scopes) if s in layers), None)
+            if layer is None:
+                raise ExportError(f"cannot attribute weight {pair.input} to a layer (this is a bug: please report it)")
+            base = f"{layer}.weight"
+            graph.rename(pair.input, base)
+            graph.rename(pair.output, f"{base}_dequantized")
+            pair.dequantize.name = f"{base}_DequantizeLinear"
+            continue
+        owner = next((quantizers[s] for s in reversed(scopes) if s in quantizers), None)
+        if owner is None:
+            raise ExportError(f"cannot attribute Q/DQ {pair.output} to a quantizer (this is a bug: please report it)")
+        tensor = owner.tensor
+        graph.rename(pair.input, tensor)
+        if pair.output not in graph.outputs:
+            graph.rename(pair.output, f"{tensor}_dequantized")
+        graph.rename(pair.quantize.output[0], f"{tensor}_quantized")
+        pair.quantize.name, pair.dequantize.name = f"{tensor}_QuantizeLinear", f"{tensor}_DequantizeLinear"
+        if pair.clip is not None:
+            graph.rename(pair.clip.output[0], f"{tensor}_clipped")
+            pair.clip.name = f"{tensor}_Clip"
+    missing = sorted(set(table) - set(graph.initializers) - {o for n in model.graph.node for o in n.output}
+                     - set(graph.inputs))
+    if missing:
+        raise ExportError(f"quantized tensors missing from the exported graph: {missing}")
+    for node in model.graph.node:
+        del node.metadata_props[:]
+        node.doc_string = ""
+    del model.metadata_props[:]
+    model.graph.doc_string = ""
+    model.doc_string = ""
+    model.producer_name, model.producer_version = "mq", __version__
+
+
+def export_qdq_onnx(
+    qmodel: nn.Module, example_inputs: tuple[torch.Tensor, ...], opset: int = OPSET
+) -> tuple[onnx.ModelProto, QuantTable]:
+    """Export the canonical QDQ ONNX of a calibrated prepared model, with its ranges table."""
+    deploy = deploy_view(qmodel)
+    table = _tensor_table(deploy)
+    inputs = tuple(x if x.shape[0] > 1 else x.expand(2, *x.shape[1:]).contiguous() for x in example_inputs)
+    names = input_names(qmodel, len(inputs))
+    with torch.no_grad():
+        outputs = deploy(*inputs)
+    n_out = len(outputs) if isinstance(outputs, (tuple, list)) else 1
+    output_names = ["output"] if n_out == 1 else [f"output_{i}" for i in range(n_out)]
+    batch = torch.export.Dim("batch")
+    dynamic: Any = tuple({0: batch} for _ in inputs)
+    try:
+        with _quiet_exporter():
+            program = torch.onnx.export(
+                deploy, inputs, dynamo=True, opset_version=opset, input_names=names, output_names=output_names,
+                dynamic_shapes=dynamic, custom_translation_table=TRANSLATIONS, optimize=True, verbose=False,
+                external_data=False,
+            )
+    except Exception as exc:
+        raise ExportError(
+            f"torch could not export the deploy graph to ONNX: {type(exc).__name__}: {str(exc)[:800]}. If an "
+            "unsupported op is named above, keep the layer that uses it in float (prepare(..., skip=[...])) or "
+            "make it a leaf module."
+        ) from exc
+    model = program.model_proto
+    _canonicalise(model, deploy, table)
+    return onnx.shape_inference.infer_shapes(model, strict_mode=False), table

@@ -1,0 +1,33 @@
+"""Runtime: a real executor that runs an exported ONNX model, used to verify artifacts against the simulation."""
+
+from __future__ import annotations
+
+import importlib.util
+from typing import ClassVar
+
+import numpy as np
+import onnx
+
+
+class Runtime:
+    """Base class. Subclasses set ``name``, ``module`` (the import that must be present), ``install`` (the pip
+    command that provides it) and the ONNX ``domains`` they execute, and implement ``run``."""
+
+    name: ClassVar[str]
+    description: ClassVar[str] = ""
+    module: ClassVar[str]
+    install: ClassVar[str]
+    domains: ClassVar[frozenset[str]] = frozenset({"", "ai.onnx"})
+
+    def available(self) -> bool:
+        return importlib.util.find_spec(self.module) is not None
+
+    def can_run(self, model: onnx.ModelProto) -> bool:
+        """Whether every node's domain is one this runtime executes."""
+        return all(node.domain in self.domains for node in model.graph.node)
+
+    def run(self, model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"<runtime {self.name}>"
