@@ -12,8 +12,10 @@ from typing import Any
 
 import numpy as np
 import onnx
+import torch
 
 from mq_core.export.onnx_graph import Graph, QDQPair, make_node
+from mq_core.quant.scheme import QuantScheme
 
 _STORAGE = {(8, True): np.int8, (8, False): np.uint8}
 
@@ -191,3 +193,32 @@ def _toposort(model: onnx.ModelProto) -> None:
     del graph.node[:]
     graph.node.extend(ordered)
 
+
+
+def weights_as_device_quantizes(
+    model: onnx.ModelProto, weights: QuantTable, scheme: QuantScheme
+) -> QuantTable:
+    """Weight entries recomputed from the float initializers with a device toolchain's own rule (min/max on
+    ``scheme``), for artifacts whose ranges file carries activations only (TensorRT legacy, Tengine).
+
+    ``weights`` gives which initializers are weights and their channel axis (the exported table's entries).
+    """
+    graph = Graph(model)
+    out: QuantTable = {}
+    for name, entry in weights.items():
+        if entry.kind != "weight" or name not in graph.initializers:
+            continue
+        values = torch.from_numpy(graph.array(name).astype(np.float32))
+        axis = entry.axis if scheme.per_channel else None
+        if axis is None:
+            lo, hi = values.min(), values.max()
+        else:
+            flat = values.transpose(0, axis).reshape(values.shape[axis], -1)
+            lo, hi = flat.min(dim=1).values, flat.max(dim=1).values
+        s, z = scheme.qparams(lo, hi)
+        out[name] = TensorQuant(
+            name=name, kind="weight", quantizer=entry.quantizer, bits=scheme.bits, signed=scheme.signed,
+            symmetric=scheme.symmetric, qmin=scheme.qmin, qmax=scheme.qmax, axis=axis,
+            scale=s.numpy().astype(np.float32), zero_point=z.numpy().astype(np.int64),
+        )
+    return out
