@@ -46,6 +46,7 @@ from mq_core.plugins.lookup import (
     list_runtimes,
 )
 from mq_core.prepare import PrepareInfo, prepare, prepare_info
+from mq_core.ptq import PTQMethod, ptq
 from mq_core.quant.fake_quant import FakeQuantizer, FixedFakeQuantizer
 from mq_core.quant.observers.base import Observer
 from mq_core.quant.qconfig import QConfig, QConfigPreset, QuantizerSpec
@@ -66,6 +67,7 @@ __all__ = [
     "FrozenBatchNorm2d",
     "MQError",
     "Observer",
+    "PTQMethod",
     "PlacementPolicy",
     "PluginConflictError",
     "PrepareInfo",
@@ -107,6 +109,7 @@ __all__ = [
     "output_placement",
     "prepare",
     "prepare_info",
+    "ptq",
     "quantizers",
     "restore",
     "save_checkpoint",

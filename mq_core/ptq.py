@@ -1,0 +1,83 @@
+"""Post-training quantization methods: the plugin interface and ``mq.ptq``.
+
+A method (AdaRound, BRECQ, QDrop in mq-algos) registers through ``register_ptq_methods``. It runs after
+calibration on a calibrated prepared model and calibration data, changes weights/qparams in place, and leaves
+the model with quantization enabled, so it exports like any other.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from torch import nn
+
+from mq_core.calibration import quantizers
+from mq_core.errors import CalibrationError, ConfigError
+from mq_core.plugins.lookup import get_ptq_method
+from mq_core.prepare import prepare_info
+
+
+class PTQMethod:
+    """Base class: subclasses set ``name``, ``description`` and ``Config`` (a dataclass whose field defaults are
+    the documented defaults) and implement ``apply``."""
+
+    name: ClassVar[str]
+    description: ClassVar[str] = ""
+
+    @dataclass(frozen=True)
+    class Config:
+        """No options."""
+
+    def make_config(self, config: Any = None, **overrides: Any) -> Any:
+        if config is not None and overrides:
+            raise ConfigError("pass either a config object or keyword overrides, not both.")
+        if config is not None:
+            if not isinstance(config, self.Config):
+                raise ConfigError(f"{self.name} expects a {type(self).__name__}.Config, got {type(config).__name__}.")
+            return config
+        known = {f.name for f in dataclasses.fields(self.Config)}
+        unknown = sorted(set(overrides) - known)
+        if unknown:
+            raise ConfigError(f"PTQ method {self.name!r} has no option(s) {unknown}; its options are {sorted(known)}.")
+        return self.Config(**overrides)
+
+    def apply(self, qmodel: nn.Module, data: list[Any], config: Any, progress: bool) -> None:
+        raise NotImplementedError
+
+
+def ptq(
+    qmodel: nn.Module,
+    method: str | PTQMethod,
+    data: Iterable[Any],
+    config: Any = None,
+    *,
+    num_batches: int | None = None,
+    progress: bool = True,
+    **overrides: Any,
+) -> nn.Module:
+    """Apply a registered PTQ method to a calibrated prepared model (in place; also returned).
+
+    Args:
+        method: a name (``"adaround"``, ``"brecq"``, ``"qdrop"``) or a PTQMethod.
+        data: calibration batches (tensors, (inputs, target) tuples or dicts), like ``mq.calibrate``.
+        config: the method's ``Config``; or pass its fields as keyword ``overrides``.
+        num_batches: use at most this many batches.
+    """
+    prepare_info(qmodel)
+    chosen = get_ptq_method(method)
+    cfg = chosen.make_config(config, **overrides)
+    missing = [n for n, fq in quantizers(qmodel).items() if not fq.is_calibrated]
+    if missing:
+        raise CalibrationError(
+            f"{chosen.name} runs after calibration, but {len(missing)} quantizer(s) are uncalibrated "
+            f"({', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}). Run mq.calibrate(qmodel, data) first."
+        )
+    batches = list(itertools.islice(iter(data), num_batches) if num_batches is not None else data)
+    if not batches:
+        raise CalibrationError(f"{chosen.name} needs calibration data; the data given is empty.")
+    chosen.apply(qmodel, batches, cfg, progress)
+    return qmodel
