@@ -58,6 +58,7 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike[str]) -> Path:
 def staged_directory(out_dir: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a staging folder; on success move its files into ``out_dir`` (each by atomic rename)."""
     out = Path(out_dir)
+    created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     stage = Path(tempfile.mkdtemp(dir=out, prefix=".mq-staging-"))
     try:
@@ -67,5 +68,10 @@ def staged_directory(out_dir: str | os.PathLike[str]) -> Iterator[Path]:
                 dest = out / src.relative_to(stage)
                 dest.parent.mkdir(parents=True, exist_ok=True)
                 os.replace(src, dest)
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        if created:
+            shutil.rmtree(out, ignore_errors=True)  # the folder did not exist before: leave no trace
+        raise
     finally:
         shutil.rmtree(stage, ignore_errors=True)

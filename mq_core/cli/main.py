@@ -14,6 +14,7 @@ from typing import Any
 import click
 
 from mq_core import __version__
+from mq_core.cli.export import export_command, exporters_command, verify_command
 from mq_core.cli.table import render_table
 from mq_core.errors import MQError
 from mq_core.plugins.manager import get_manager
@@ -112,6 +113,11 @@ def backends(as_json: bool) -> None:
         for b in items
     ]
     click.echo(render_table(["backend", "aliases", "weights", "activations", "placement", "package"], rows))
+
+
+cli.add_command(export_command)
+cli.add_command(verify_command)
+cli.add_command(exporters_command)
 
 
 def main() -> None:

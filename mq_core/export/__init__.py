@@ -10,6 +10,7 @@ from typing import Any
 import onnx
 from torch import nn
 
+from mq_core.backend import Backend
 from mq_core.errors import ExportError
 from mq_core.export.canonical import export_qdq_onnx
 from mq_core.export.exporter import (
@@ -25,7 +26,7 @@ from mq_core.io import atomic_write_text, staged_directory
 from mq_core.plugins.lookup import get_backend, get_entry, get_exporter
 from mq_core.prepare import as_inputs, prepare_info
 
-__all__ = ["Artifact", "ExportContext", "ExportResult", "Exporter", "Runnable", "export"]
+__all__ = ["Artifact", "ExportContext", "ExportResult", "Exporter", "Runnable", "export", "export_many"]
 
 
 def _input_specs(model: onnx.ModelProto) -> list[dict[str, Any]]:
@@ -35,6 +36,16 @@ def _input_specs(model: onnx.ModelProto) -> list[dict[str, Any]]:
         specs.append({"name": value.name, "shape": dims,
                       "dtype": onnx.helper.tensor_dtype_to_np_dtype(value.type.tensor_type.elem_type).name})
     return specs
+
+
+def _exporter_for(backend: Backend, name: str | None) -> Exporter:
+    chosen = get_exporter(name or backend.default_exporter)
+    if not chosen.serves(backend):
+        raise ExportError(
+            f"exporter {chosen.name!r} serves backends {list(chosen.backends)}, but this model was prepared for "
+            f"{backend.name!r}; use one of {list(backend.exporters)} or prepare the model for that backend."
+        )
+    return chosen
 
 
 def export(
@@ -49,18 +60,39 @@ def export(
     Writes the artifacts and ``manifest.json`` into ``out_dir`` atomically (nothing is left behind on failure)
     and returns an ``ExportResult`` for ``mq.verify``. ``options`` are the exporter's (see ``mq exporters``).
     """
-    info = prepare_info(qmodel)
-    backend = get_backend(info.backend)
-    chosen = get_exporter(exporter or backend.default_exporter)
-    if not chosen.serves(backend):
-        raise ExportError(
-            f"exporter {chosen.name!r} serves backends {list(chosen.backends)}, but this model was prepared for "
-            f"{backend.name!r}; use one of {list(backend.exporters)} or prepare the model for that backend."
-        )
+    backend = get_backend(prepare_info(qmodel).backend)
+    chosen = _exporter_for(backend, exporter)
     parsed = chosen.parse_options(options)
-    backend.check(info.qconfig)
+    backend.check(prepare_info(qmodel).qconfig)
     qdq_model, table = export_qdq_onnx(qmodel, as_inputs(example_inputs))
-    out = Path(out_dir)
+    return _run_exporter(qmodel, backend, chosen, parsed, qdq_model, table, Path(out_dir))
+
+
+def export_many(
+    qmodel: nn.Module,
+    example_inputs: Any,
+    out_dir: str | os.PathLike[str],
+    exporters: list[str] | None = None,
+) -> dict[str, ExportResult]:
+    """Export with several exporters (default: all of the backend's), each into ``out_dir/<exporter>/``.
+
+    The canonical QDQ ONNX is exported once and shared, which is what makes this cheaper than repeated
+    ``export`` calls.
+    """
+    backend = get_backend(prepare_info(qmodel).backend)
+    chosen = [_exporter_for(backend, name) for name in (exporters or backend.exporters)]
+    backend.check(prepare_info(qmodel).qconfig)
+    qdq_model, table = export_qdq_onnx(qmodel, as_inputs(example_inputs))
+    return {
+        e.name: _run_exporter(qmodel, backend, e, e.parse_options({}), qdq_model, table, Path(out_dir) / e.name)
+        for e in chosen
+    }
+
+
+def _run_exporter(
+    qmodel: nn.Module, backend: Backend, chosen: Exporter, parsed: Any, qdq_model: onnx.ModelProto,
+    table: dict[str, Any], out: Path,
+) -> ExportResult:
     with staged_directory(out) as stage:
         ctx = ExportContext(qmodel, backend, chosen.name, qdq_model, table, stage, parsed)
         chosen.export(ctx)
