@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml plugins/*/pyproject.toml
 	touch $(STAMP)
 
 demo: setup
-	$(BIN)/mq backends
+	$(BIN)/mq quantize
 
 test: setup
 	@$(BIN)/python -m pytest; rc=$$?; \

@@ -92,10 +92,12 @@ def simulate(qmodel: nn.Module, inputs: tuple[torch.Tensor, ...]) -> list[np.nda
         qmodel.train(was_training)
 
 
-def output_step(result: ExportResult, output: str, reference: np.ndarray) -> float:
-    """Quantization step of an output: its scale if quantized, else that of an 8-bit min/max grid over it."""
-    entry = result.manifest["quantizers"].get(output)
-    if entry is not None and entry["kind"] == "activation":
+def output_step(result: ExportResult, index: int, reference: np.ndarray) -> float:
+    """Quantization step of output ``index``: its scale if it is quantized, else that of an 8-bit min/max grid
+    over the simulated output."""
+    tensor = result.manifest["outputs"][index]["tensor"]
+    entry = result.manifest["quantizers"].get(tensor) if tensor else None
+    if entry is not None:
         return float(max(np.atleast_1d(entry["scale"])))
     return max(float(reference.max() - reference.min()) / 255.0, SCALE_EPS)
 
@@ -157,8 +159,8 @@ def verify(
                     f"{runtime.name} failed to run the {runnable.artifact} artifact of {result.out_dir}: "
                     f"{type(exc).__name__}: {str(exc)[:600]}"
                 ) from exc
-            for name, got, ref in zip(out_names, outputs, reference):
-                step = output_step(result, name, ref)
+            for index, (name, got, ref) in enumerate(zip(out_names, outputs, reference)):
+                step = output_step(result, index, ref)
                 diff = np.abs(got.astype(np.float64) - ref.astype(np.float64))
                 max_abs = float(diff.max()) if diff.size else 0.0
                 report.checks.append(OutputCheck(

@@ -14,6 +14,9 @@ import mq_core.plugins
 
 FIXTURE_DISTS = Path(__file__).parent / "fixtures" / "dists"
 
+# The conformance fixtures that third-party plugin authors use; the backend matrix uses them too.
+pytest_plugins = ["mq_core.testing.pytest_plugin"]
+
 
 @pytest.fixture(scope="session")
 def fixture_site(tmp_path_factory: pytest.TempPathFactory) -> Path:

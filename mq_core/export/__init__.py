@@ -99,4 +99,4 @@ def _run_exporter(
         manifest = build_manifest(ctx, _input_specs(qdq_model), get_entry("backend", backend.name).distribution)
         atomic_write_text(stage / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
         artifacts = [Artifact(a.kind, out / a.path.relative_to(stage), a.description) for a in ctx.artifacts]
-    return ExportResult(out, backend.name, chosen.name, artifacts, manifest, qmodel)
+    return ExportResult(out, backend.name, chosen.name, artifacts, manifest, qmodel, qdq_model)

@@ -22,7 +22,7 @@ from torch import nn
 
 from mq_core.backend import Backend
 from mq_core.errors import ConfigError
-from mq_core.export.onnx_graph import save_model
+from mq_core.export.onnx_graph import Graph, save_model
 from mq_core.export.quant_table import QuantTable, TensorQuant, strip_qdq
 from mq_core.io import atomic_write_text
 from mq_core.plugins.manager import core_version, get_manager
@@ -101,6 +101,8 @@ class ExportResult:
     artifacts: list[Artifact]
     manifest: dict[str, Any]
     qmodel: nn.Module | None = None
+    #: the canonical QDQ ONNX this export started from (in memory only; not set by ``load``)
+    qdq_model: onnx.ModelProto | None = None
 
     @property
     def table(self) -> QuantTable:
@@ -179,9 +181,14 @@ def versions(backend_distribution: str | None = None) -> dict[str, str]:
     return data
 
 
+def _outputs(model: onnx.ModelProto) -> list[dict[str, Any]]:
+    """Graph outputs with the quantized tensor each one dequantizes (None for a float output)."""
+    sources = {pair.output: pair.input for pair in Graph(model).qdq_pairs() if pair.quantize is not None}
+    return [{"name": o.name, "tensor": sources.get(o.name)} for o in model.graph.output]
+
+
 def build_manifest(ctx: ExportContext, inputs: list[dict[str, Any]], distribution: str) -> dict[str, Any]:
     """The manifest: backend, exporter, options, files (with checksums), inputs/outputs, quantizers, versions."""
-    graph = ctx.qdq_model.graph
     return {
         "format": MANIFEST_FORMAT,
         "backend": ctx.backend.name,
@@ -189,7 +196,7 @@ def build_manifest(ctx: ExportContext, inputs: list[dict[str, Any]], distributio
         "options": dataclasses.asdict(ctx.options),
         "files": [a.to_dict(ctx.stage) for a in ctx.artifacts],
         "inputs": inputs,
-        "outputs": [o.name for o in graph.output],
+        "outputs": _outputs(ctx.qdq_model),
         "quantizers": {name: entry.to_dict() for name, entry in sorted(ctx.table.items())},
         "versions": versions(distribution),
     }

@@ -32,6 +32,8 @@ class ConformanceResult:
     backend: str
     model: str
     reports: dict[str, VerificationReport] = field(default_factory=dict)
+    #: per quantized activation tensor, fraction bit-exact between ONNX Runtime and the simulation
+    tensor_agreement: dict[str, float] = field(default_factory=dict)
 
     @property
     def passed(self) -> bool:
@@ -71,6 +73,8 @@ def run_conformance(
     inputs = test_inputs if test_inputs is not None else example_inputs
     for name, result in results.items():
         checked.reports[name] = verify(result, inputs, runtimes=runtimes, tolerance=tolerance)
+    canonical = next(iter(results.values())).qdq_model
+    checked.tensor_agreement = quantized_tensor_agreement(qmodel, canonical, inputs)
     return checked
 
 

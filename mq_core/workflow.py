@@ -1,0 +1,199 @@
+"""The main job end to end: float model -> prepared -> calibrated (-> PTQ) -> exported -> verified -> evaluated.
+
+``mq quantize`` is a thin shell around ``quantize_for_backends``; Python users can call it directly. For every
+backend it reports the float, simulated and deployed (real runtime) accuracy, the simulation-vs-runtime agreement
+in quantization steps, the artifacts and the time each stage took.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from mq_core.calibration import calibrate
+from mq_core.checkpoint import save_checkpoint
+from mq_core.errors import CalibrationError, MQError
+from mq_core.export import ExportResult, export_many
+from mq_core.plugins.lookup import get_backend, get_exporter, get_runtime
+from mq_core.prepare import prepare
+from mq_core.ptq import ptq
+from mq_core.verify import VerificationReport, verify
+
+log = logging.getLogger(__name__)
+
+EvalFn = Callable[[nn.Module], float]
+
+
+class RuntimeModule(nn.Module):
+    """An exported artifact running in a real runtime, callable like the model (for accuracy functions)."""
+
+    def __init__(self, runtime: Any, model: onnx.ModelProto) -> None:
+        super().__init__()
+        self.runtime = runtime
+        self.model = model
+        self.names = [i.name for i in model.graph.input]
+
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        feeds = {n: t.detach().float().numpy() for n, t in zip(self.names, inputs)}
+        outputs = [torch.from_numpy(np.asarray(o)) for o in self.runtime.run(self.model, feeds)]
+        return outputs[0] if len(outputs) == 1 else tuple(outputs)
+
+
+@dataclass
+class BackendOutcome:
+    """What happened for one backend."""
+
+    backend: str
+    qconfig: str = ""
+    method: str | None = None
+    sim_accuracy: float | None = None
+    deployed_accuracy: float | None = None
+    deployed_runtime: str | None = None
+    reports: dict[str, VerificationReport] = field(default_factory=dict)
+    results: dict[str, ExportResult] = field(default_factory=dict)
+    checkpoint: Path | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+    error: str | None = None
+
+    @property
+    def passed(self) -> bool:
+        return self.error is None and bool(self.reports) and all(r.passed for r in self.reports.values())
+
+    @property
+    def worst_steps(self) -> float:
+        return max((r.worst_steps for r in self.reports.values()), default=float("nan"))
+
+    @property
+    def exact(self) -> float:
+        checks = [c.exact for r in self.reports.values() for c in r.checks]
+        return min(checks) if checks else float("nan")
+
+
+@dataclass
+class QuantizeSummary:
+    float_accuracy: float | None
+    outcomes: list[BackendOutcome]
+    out_dir: Path
+
+    @property
+    def passed(self) -> bool:
+        return bool(self.outcomes) and all(o.passed for o in self.outcomes)
+
+
+class _Stages:
+    """Times each stage and advances one progress bar per backend (prepare, calibrate, PTQ, export, verify ...)."""
+
+    def __init__(self, backend: str, stages: list[str], timings: dict[str, float], progress: bool) -> None:
+        self.timings = timings
+        self.bar = tqdm(total=len(stages), desc=backend, unit="stage", disable=not progress, leave=False)
+
+    def run(self, stage: str, fn: Callable[[], Any]) -> Any:
+        self.bar.set_postfix_str(stage)
+        start = time.perf_counter()
+        try:
+            return fn()
+        finally:
+            self.timings[stage] = time.perf_counter() - start
+            self.bar.update()
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def _deployed_accuracy(outcome: BackendOutcome, eval_fn: EvalFn) -> None:
+    """Accuracy of the default exporter's first runnable artifact in the backend's first available runtime."""
+    backend = get_backend(outcome.backend)
+    result = outcome.results.get(backend.default_exporter) or next(iter(outcome.results.values()))
+    runnables = get_exporter(result.exporter).runnables(result)
+    for name in backend.runtimes:
+        try:
+            runtime = get_runtime(name)
+        except MQError:
+            continue
+        for runnable in runnables:
+            if runtime.available() and runtime.can_run(runnable.model):
+                outcome.deployed_accuracy = float(eval_fn(RuntimeModule(runtime, runnable.model)))
+                outcome.deployed_runtime = runtime.name
+                return
+
+
+def quantize_for_backend(
+    model: nn.Module,
+    backend: str,
+    calib: Sequence[Any],
+    out_dir: Path,
+    *,
+    qconfig: str | None = None,
+    method: str | None = None,
+    method_options: dict[str, Any] | None = None,
+    eval_fn: EvalFn | None = None,
+    verify_inputs: tuple[torch.Tensor, ...] | None = None,
+    model_ref: str | None = None,
+    prepare_options: dict[str, Any] | None = None,
+    progress: bool = True,
+) -> BackendOutcome:
+    """Prepare, calibrate, optionally PTQ, export with all the backend's exporters, verify and evaluate."""
+    resolved = get_backend(backend)
+    outcome = BackendOutcome(resolved.name, method=method)
+    first = calib[0]
+    example = (first,) if isinstance(first, torch.Tensor) else tuple(first[:1])
+    folder = out_dir / resolved.name
+    names = ["prepare", "calibrate", *(["ptq"] if method else []), "export", "verify",
+             *(["evaluate (simulation)", "evaluate (runtime)"] if eval_fn is not None else [])]
+    stages = _Stages(resolved.name, names, outcome.timings, progress)
+    try:
+        qmodel = stages.run("prepare", lambda: prepare(model, resolved, example, qconfig=qconfig,
+                                                       **(prepare_options or {})))
+        outcome.qconfig = qmodel.mq_info.qconfig.name
+        stages.run("calibrate", lambda: calibrate(qmodel, calib, progress=progress))
+        if method:
+            stages.run("ptq", lambda: ptq(qmodel, method, calib, progress=progress, **(method_options or {})))
+        outcome.checkpoint = save_checkpoint(qmodel, folder / "qmodel.pt", example, model_ref=model_ref)
+        outcome.results = stages.run("export", lambda: export_many(qmodel, example, folder))
+        inputs = verify_inputs or example
+        outcome.reports = stages.run("verify", lambda: {
+            name: verify(result, inputs) for name, result in outcome.results.items()})
+        if eval_fn is not None:
+            outcome.sim_accuracy = stages.run("evaluate (simulation)", lambda: float(eval_fn(qmodel)))
+            stages.run("evaluate (runtime)", lambda: _deployed_accuracy(outcome, eval_fn))
+    finally:
+        stages.close()
+    return outcome
+
+
+def quantize_for_backends(
+    model: nn.Module,
+    backends: Sequence[str],
+    calib: Sequence[Any],
+    out_dir: str | Path,
+    *,
+    eval_fn: EvalFn | None = None,
+    keep_going: bool = False,
+    **options: Any,
+) -> QuantizeSummary:
+    """``quantize_for_backend`` for each backend; with ``keep_going`` one backend's error does not stop the rest."""
+    if not calib:
+        raise CalibrationError("no calibration data: pass a non-empty --calib (a tensor file, an image folder or a "
+                               "loader factory).")
+    out = Path(out_dir)
+    float_accuracy = float(eval_fn(model)) if eval_fn is not None else None
+    outcomes = []
+    for name in backends:
+        try:
+            outcomes.append(quantize_for_backend(model, name, calib, out, eval_fn=eval_fn, **options))
+        except MQError as exc:
+            if not keep_going:
+                raise
+            log.warning("backend %s failed: %s", name, exc)
+            outcomes.append(BackendOutcome(name, error=str(exc)))
+    return QuantizeSummary(float_accuracy, outcomes, out)
