@@ -40,7 +40,8 @@ _SCOPES = "pkg.torch.onnx.name_scopes"
 @contextlib.contextmanager
 def _quiet_exporter() -> Iterator[None]:
     """The dynamo exporter logs progress and optional-dependency notes on loggers/warnings: keep them quiet."""
-    names = ("torch.onnx", "torch.export", "torch._dynamo", "onnxscript", "torch.fx.experimental.symbolic_shapes")
+    names = ("torch.onnx", "torch.export", "torch._dynamo", "onnxscript", "onnx_ir",
+             "torch.fx.experimental.symbolic_shapes")
     loggers = [logging.getLogger(n) for n in names]
     levels = [lg.level for lg in loggers]
     for lg in loggers:
@@ -93,7 +94,7 @@ def _free_names(graph: Graph, pairs: list, quantizers: dict[str, DeployQuantizer
     """Move exporter-chosen names out of the way of the names mq is about to give quantized tensors."""
     wanted = set()
     for q in quantizers.values():
-        wanted |= {q.tensor, f"{q.tensor}_quantized", f"{q.tensor}_dequantized", f"{q.tensor}_clipped"}
+        wanted |= {q.tensor, f"{q.tensor}_quantized", f"{q.tensor}_dequantized", f"{q.tensor}_quantized_clipped"}
     holders = {p.input for p in pairs if p.quantize is not None}
     existing = {o for n in graph.model.graph.node for o in n.output} | set(graph.initializers)
     for name in sorted(existing & wanted):
@@ -137,7 +138,7 @@ def _canonicalise(model: onnx.ModelProto, deploy: nn.Module, table: QuantTable) 
         graph.rename(pair.quantize.output[0], f"{tensor}_quantized")
         pair.quantize.name, pair.dequantize.name = f"{tensor}_QuantizeLinear", f"{tensor}_DequantizeLinear"
         if pair.clip is not None:
-            graph.rename(pair.clip.output[0], f"{tensor}_clipped")
+            graph.rename(pair.clip.output[0], f"{tensor}_quantized_clipped")
             pair.clip.name = f"{tensor}_Clip"
     missing = sorted(set(table) - set(graph.initializers) - {o for n in model.graph.node for o in n.output}
                      - set(graph.inputs))

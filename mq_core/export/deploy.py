@@ -34,18 +34,11 @@ class FrozenQuant:
     zero_point: torch.Tensor
     axis: int | None
 
-    def clip_range(self) -> tuple[float, float] | None:
-        """Float range to clip to when the grid is narrower than its storage type (None when it is not)."""
+    @property
+    def narrow(self) -> bool:
+        """Whether the grid is narrower than its storage type (then an integer Clip enforces it)."""
         info = torch.iinfo(self.scheme.storage_dtype)
-        if (self.scheme.qmin, self.scheme.qmax) == (info.min, info.max):
-            return None
-        if self.axis is not None:
-            raise ExportError(
-                f"a per-channel activation grid narrower than its storage type ({self.scheme.describe()}) cannot be "
-                "exported; use per-tensor activations or a full 8-bit grid."
-            )
-        lo, hi = self.scheme.range_of(self.scale, self.zero_point)
-        return float(lo), float(hi)
+        return (self.scheme.qmin, self.scheme.qmax) != (info.min, info.max)
 
 
 def freeze(fq: FakeQuantizer) -> FrozenQuant:
@@ -69,15 +62,12 @@ class DeployQuantizer(nn.Module):
         self.qname = fq.qname
         self.register_buffer("scale", self.frozen.scale.clone())
         self.register_buffer("zero_point", self.frozen.zero_point.clone())
-        clip = self.frozen.clip_range()
-        self.clip = clip is not None
-        self.clip_lo, self.clip_hi = clip if clip is not None else (0.0, 0.0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         scheme = self.frozen.scheme
         axis = -1 if self.frozen.axis is None else self.frozen.axis
         return torch.ops.mq.quantize_dequantize(
-            x, self.scale, self.zero_point, scheme.qmin, scheme.qmax, axis, self.clip, self.clip_lo, self.clip_hi
+            x, self.scale, self.zero_point, scheme.qmin, scheme.qmax, axis, self.frozen.narrow
         )
 
     def extra_repr(self) -> str:

@@ -20,7 +20,8 @@ from mq_core.io import atomic_write_bytes
 
 @dataclass
 class QDQPair:
-    """A QuantizeLinear -> DequantizeLinear pair (``quantize`` is None for a weight's lone DequantizeLinear)."""
+    """QuantizeLinear [-> integer Clip] -> DequantizeLinear (``quantize`` is None for a weight's lone
+    DequantizeLinear; ``clip`` enforces a grid narrower than the 8-bit storage type)."""
 
     quantize: onnx.NodeProto | None
     dequantize: onnx.NodeProto
@@ -28,9 +29,7 @@ class QDQPair:
 
     @property
     def input(self) -> str:
-        """The float tensor being quantized (before any grid Clip), or the integer initializer for weights."""
-        if self.clip is not None:
-            return self.clip.input[0]
+        """The float tensor being quantized, or the integer initializer for weights."""
         return (self.quantize or self.dequantize).input[0]
 
     @property
@@ -54,7 +53,7 @@ class QDQPair:
 
     @property
     def nodes(self) -> list[onnx.NodeProto]:
-        return [n for n in (self.clip, self.quantize, self.dequantize) if n is not None]
+        return [n for n in (self.quantize, self.clip, self.dequantize) if n is not None]
 
 
 class Graph:
@@ -98,17 +97,16 @@ class Graph:
 
     # --- Q/DQ -----------------------------------------------------------------------------------------------
     def qdq_pairs(self) -> list[QDQPair]:
-        """Every DequantizeLinear with its QuantizeLinear (if any) and the grid Clip in front of it (if any)."""
+        """Every DequantizeLinear with its QuantizeLinear and integer grid Clip (when present)."""
         pairs = []
         for node in self.model.graph.node:
             if node.op_type != "DequantizeLinear":
                 continue
-            q = self.producer.get(node.input[0])
-            q = q if q is not None and q.op_type == "QuantizeLinear" else None
-            clip = self.producer.get(q.input[0]) if q is not None else None
-            if clip is not None and not (clip.op_type == "Clip" and len(self.consumers.get(clip.output[0], [])) == 1
-                                         and all(self.is_constant(i) for i in clip.input[1:] if i)):
-                clip = None
+            clip = self.producer.get(node.input[0])
+            clip = clip if clip is not None and clip.op_type == "Clip" else None
+            q = self.producer.get((clip or node).input[0])
+            if q is None or q.op_type != "QuantizeLinear":
+                q, clip = None, None
             pairs.append(QDQPair(q, node, clip))
         return pairs
 

@@ -129,8 +129,8 @@ def strip_qdq(model: onnx.ModelProto, table: QuantTable) -> tuple[onnx.ModelProt
 def apply_table(model: onnx.ModelProto, table: QuantTable) -> onnx.ModelProto:
     """Put Q/DQ back into a float ONNX from a ranges table (how ranges-file artifacts are verified).
 
-    Activations get QuantizeLinear -> DequantizeLinear after the tensor (with a Clip for grids narrower than
-    8 bits); weights are replaced by their integer codes and a DequantizeLinear.
+    Activations get QuantizeLinear [-> integer Clip for grids narrower than 8 bits] -> DequantizeLinear after the
+    tensor; weights are replaced by their integer codes and a DequantizeLinear.
     """
     model = onnx.ModelProto.FromString(model.SerializeToString())
     graph = Graph(model)
@@ -155,17 +155,17 @@ def apply_table(model: onnx.ModelProto, table: QuantTable) -> onnx.ModelProto:
             graph.rename(name, source, graph_outputs=False)
         else:
             graph.rewire(name, deq)
-        q_in = source
-        narrow = (entry.qmin, entry.qmax) != (np.iinfo(entry.storage).min, np.iinfo(entry.storage).max)
-        if narrow:
-            q_in = f"{name}_mq_clipped"
-            graph.set_initializer(f"{name}_mq_lo", np.asarray(entry.min, dtype=np.float32).reshape(()))
-            graph.set_initializer(f"{name}_mq_hi", np.asarray(entry.max, dtype=np.float32).reshape(()))
-            new_nodes.append(make_node("Clip", [source, f"{name}_mq_lo", f"{name}_mq_hi"], [q_in], f"{name}_Clip"))
-        new_nodes.append(make_node("QuantizeLinear", [q_in, s_name, z_name], [f"{name}_mq_quantized"],
-                                   f"{name}_QuantizeLinear", **axis))
-        new_nodes.append(make_node("DequantizeLinear", [f"{name}_mq_quantized", s_name, z_name],
-                                   [name if is_output else deq], f"{name}_DequantizeLinear", **axis))
+        codes = f"{name}_mq_quantized"
+        new_nodes.append(make_node("QuantizeLinear", [source, s_name, z_name], [codes], f"{name}_QuantizeLinear",
+                                   **axis))
+        if (entry.qmin, entry.qmax) != (np.iinfo(entry.storage).min, np.iinfo(entry.storage).max):
+            graph.set_initializer(f"{name}_mq_qmin", np.array(entry.qmin, dtype=entry.storage))
+            graph.set_initializer(f"{name}_mq_qmax", np.array(entry.qmax, dtype=entry.storage))
+            new_nodes.append(make_node("Clip", [codes, f"{name}_mq_qmin", f"{name}_mq_qmax"], [f"{codes}_clipped"],
+                                       f"{name}_Clip"))
+            codes = f"{codes}_clipped"
+        new_nodes.append(make_node("DequantizeLinear", [codes, s_name, z_name], [name if is_output else deq],
+                                   f"{name}_DequantizeLinear", **axis))
     model.graph.node.extend(new_nodes)
     _toposort(model)
     return model
