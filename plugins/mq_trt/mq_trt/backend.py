@@ -23,5 +23,6 @@ TENSORRT = Backend(
     placement=input_placement(*TRT_QUANTIZED_INPUTS, network_inputs=False),
     exporters=("tensorrt", "tensorrt-legacy"),
     runtimes=("onnxruntime",),
-    notes="Build with `trtexec --onnx=model.onnx --int8` (explicit Q/DQ); legacy: --calib=calibration.cache.",
+    notes="Build with `trtexec --onnx=model.onnx --stronglyTyped` (explicit Q/DQ); TensorRT <= 10 legacy: "
+    "`trtexec --onnx=model.float.onnx --int8 --calib=model.calibration.cache`.",
 )
