@@ -1,0 +1,130 @@
+"""LSQ: Learned Step Size Quantization (Esser et al., ICLR 2020).
+
+The step size ``s`` is a parameter trained with the task loss. With ``v = x / s`` and the grid ``[qmin, qmax]``
+around a fixed integer zero point ``z`` (``lo = qmin - z``, ``hi = qmax - z``), the forward is
+
+    y = (clamp(round(v) + z, qmin, qmax) - z) * s                           (paper eq. 1-2)
+
+and the paper's gradients (eq. 3, the straight-through estimator for ``round``) are
+
+    dy/ds = round(v) - v   if lo < v < hi
+          = lo             if v <= lo
+          = hi             if v >= hi
+    dy/dx = 1 inside, 0 outside,
+
+with the step-size gradient multiplied by ``g = 1 / sqrt(N * qmax)`` (Section 2.2), so that the step size learns
+at a rate comparable to the weights. ``N`` is the number of elements one step size quantizes in the tensor at
+hand: the whole tensor (for activations this includes the batch, MQBench's convention; the paper's ``N_F`` counts
+one sample's features), or one channel when per-channel.
+
+Zero point: the paper's grids have ``z = 0`` (signed grids for signed data, unsigned ones for ReLU outputs).
+mq's backends also hand out affine activation grids; there the zero point comes from the observer and stays
+fixed (``z = qmin`` for non-negative data, as in the paper; a tensor that was seen negative, e.g. logits on a
+uint grid, keeps room for its negative part instead of being clipped at 0). Learning it too is LSQ+.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+from mq_algos.quantizers.base import LearnableFakeQuantizer, channel_view, elements_per_scale, positive, reduce_to
+from mq_core.quant.observers.base import Observer, channels_first
+from mq_core.quant.observers.minmax import MinMaxObserver
+from mq_core.quant.scheme import SCALE_EPS, QuantScheme
+
+
+class LSQFunction(torch.autograd.Function):
+    """The LSQ forward and gradients of the module docstring, for a per-tensor or per-channel step size."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int,
+                axis: int | None, g: float) -> torch.Tensor:  # type: ignore[override]
+        s = channel_view(scale, x, axis)
+        z = channel_view(zero_point, x, axis).to(x.dtype)
+        v = x / s
+        r = torch.round(v)
+        # The same operations, in the same order, as mq_core.quant.functional.fake_quantize (the deploy view).
+        y = (torch.clamp(r + z, qmin, qmax) - z) * s
+        lo, hi = qmin - z, qmax - z
+        ctx.save_for_backward(scale, v, r, lo, hi)
+        ctx.axis, ctx.g = axis, g
+        return y
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
+        scale, v, r, lo, hi = ctx.saved_tensors
+        below, above = v <= lo, v >= hi
+        grad_x = grad * ~(below | above) if ctx.needs_input_grad[0] else None
+        grad_s = None
+        if ctx.needs_input_grad[1]:
+            ds = torch.where(below, lo, torch.where(above, hi, r - v))
+            grad_s = reduce_to(grad * ds, scale, ctx.axis) * ctx.g
+        return grad_x, grad_s, None, None, None, None, None
+
+
+class LSQFakeQuantizer(LearnableFakeQuantizer):
+    """LSQ with a learnable step size ``scale`` (an ``nn.Parameter``, per channel when per-channel).
+
+    The step size is kept at or above float32 eps in the forward (gradients pass through that floor, see
+    ``base.ClampMinSTE``); the exported scale is that same floored value.
+    """
+
+    def __init__(self, scheme: QuantScheme, observer: Observer | None = None, exact: bool = True) -> None:
+        super().__init__(scheme, observer, exact)
+        self.scale = nn.Parameter(torch.ones(()))
+        self.register_buffer("zero_point", torch.zeros((), dtype=torch.int32))
+
+    def set_qparams(self, scale: torch.Tensor, zero_point: torch.Tensor) -> None:
+        """The observer's step size becomes the initial ``scale``; its zero point is kept (0 on symmetric grids)."""
+        self._assign("scale", scale)
+        self._assign("zero_point", zero_point.to(torch.int32), learnable=False)
+        self.calibrated.fill_(1)
+
+    def gradient_scale(self, x: torch.Tensor) -> float:
+        return 1.0 / math.sqrt(elements_per_scale(x, self.ch_axis) * self.scheme.qmax)
+
+    def surrogate(self, x: torch.Tensor) -> torch.Tensor:
+        return LSQFunction.apply(x, positive(self.scale), self.zero_point, self.scheme.qmin, self.scheme.qmax,
+                                 self.ch_axis, self.gradient_scale(x))
+
+    def export_qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
+        scale = torch.clamp(self.scale.detach(), min=SCALE_EPS).to(torch.float32)
+        return scale, self.zero_point.detach().clone()
+
+
+class LSQObserver(MinMaxObserver):
+    """LSQ's initial step size ``s = 2 mean|x| / sqrt(qmax)`` (Section 2.1), over every element seen.
+
+    ``mean|x|`` is accumulated in float64 over all batches (per channel when per-channel), so batching does not
+    change the result. The zero point is 0 on symmetric grids; on affine grids it is the one that places the
+    observed minimum (widened to include 0) at ``qmin``: ``z = clamp(qmin - round(min / s), qmin, qmax)``.
+    """
+
+    def __init__(self, scheme: QuantScheme) -> None:
+        super().__init__(scheme)
+        self.register_buffer("abs_sum", torch.empty(0, dtype=torch.float64))
+        self.register_buffer("count", torch.tensor(0, dtype=torch.int64))
+
+    def observe(self, x: torch.Tensor) -> None:
+        first = not self.observed
+        super().observe(x)
+        rows = x.reshape(1, -1) if self.ch_axis is None else channels_first(x, self.ch_axis)
+        batch = rows.to(torch.float64).abs().sum(dim=1).reshape(self.min_val.shape)
+        self.abs_sum = batch if first else self.abs_sum + batch
+        self.count += rows.shape[1]
+
+    def calculate_qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
+        mean_abs = (self.abs_sum / self.count.to(torch.float64)).to(torch.float32)
+        scale = torch.clamp(2.0 * mean_abs / math.sqrt(self.scheme.qmax), min=SCALE_EPS)
+        if self.scheme.symmetric:
+            return scale, torch.zeros_like(scale, dtype=torch.int32)
+        lo = torch.clamp(self.min_val, max=0.0)
+        zero_point = torch.clamp(self.scheme.qmin - torch.round(lo / scale), self.scheme.qmin, self.scheme.qmax)
+        return scale, zero_point.to(torch.int32)
+
+    def compute_range(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.scheme.range_of(*self.calculate_qparams())
