@@ -56,6 +56,9 @@ def enable_quantization(model: nn.Module, weights: bool = True, activations: boo
         if owner is not None and not fq.is_calibrated and fq.observer is not None and not fq.observer.observed:
             with torch.no_grad():
                 fq.observer(owner.deploy_weight_and_bias()[0])
+            # enable_observation(False) below only refreshes qparams when observation was on; it never was here
+            # (enable_quantization called without calibrate), so compute them now.
+            fq.update_qparams()
         fq.enable_observation(False)
     missing = [name for name, fq in selected.items() if not fq.is_calibrated]
     if missing:

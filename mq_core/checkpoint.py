@@ -17,7 +17,7 @@ from torch import nn
 
 from mq_core.errors import ConfigError
 from mq_core.io import atomic_torch_save
-from mq_core.prepare import prepare, prepare_info
+from mq_core.prepare import prepare, prepare_info, resolve_ref
 from mq_core.quant.qconfig import QConfig
 
 FORMAT = "mq-checkpoint/1"
@@ -77,6 +77,20 @@ def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
     return payload
 
 
+def _resolve(item: str, option: str) -> Any:
+    """A recorded skip/leaf item: a module name as is, a ``"module:qualname"`` reference (a type or function, see
+    ``prepare.object_ref``) imported again."""
+    if ":" not in item:
+        return item
+    obj = resolve_ref(item)
+    if obj is None:
+        raise ConfigError(
+            f"the checkpoint's {option} entry {item!r} cannot be imported here; pass {option}=[...] to "
+            "mq.restore() explicitly."
+        )
+    return obj
+
+
 def restore(model: nn.Module, checkpoint: dict[str, Any], **prepare_overrides: Any) -> nn.Module:
     """Prepare the float ``model`` exactly as recorded and load the checkpoint's state into it."""
     info = checkpoint["info"]
@@ -84,10 +98,11 @@ def restore(model: nn.Module, checkpoint: dict[str, Any], **prepare_overrides: A
         "qconfig": QConfig.from_dict(info["qconfig"]),
         "mode": info["mode"],
         "modules": info["modules"] or None,
-        "skip": info["skip"],
-        "leaf_modules": info["leaf_modules"],
         "exact": info["exact"],
     }
+    for option in ("skip", "leaf_modules"):
+        if option not in prepare_overrides:
+            options[option] = [_resolve(item, option) for item in info[option]]
     options.update(prepare_overrides)
     qmodel = prepare(model, info["backend"], inputs_from_specs(checkpoint["inputs"]), **options)
     try:

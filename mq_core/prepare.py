@@ -30,6 +30,8 @@ from mq_core.quant.qconfig import QConfig, QConfigPreset
 log = logging.getLogger(__name__)
 
 MODES = ("ptq", "qat")
+#: GraphModule.meta key whose attributes survive copy.deepcopy (torch.fx.graph_module._USER_PRESERVED_ATTRIBUTES_KEY).
+_PRESERVED_KEY = getattr(fx.graph_module, "_USER_PRESERVED_ATTRIBUTES_KEY", "_user_preserved_attributes")
 
 
 @dataclass
@@ -235,6 +237,10 @@ def prepare(
         exact=exact,
         placements=placements,
     )
+    if isinstance(result, fx.GraphModule):
+        # GraphModule.__deepcopy__ rebuilds the module from its graph and drops plain attributes such as mq_info;
+        # it re-attaches the ones listed under this meta key (as torch's own prepare_fx does).
+        result.meta.setdefault(_PRESERVED_KEY, {})["mq_info"] = result.mq_info
     log.info("prepared %s for %s (%s, %s)", type(model).__name__, backend.name, resolved.name, mode)
     return result
 

@@ -20,6 +20,7 @@ import torch
 from torch import fx, nn
 
 from mq_core.errors import TraceError
+from mq_core.nn.bn_fold import is_frozen_batch_norm
 
 #: Eager-mode quantization stubs (torch.ao) that are identities in a float model.
 _STUB_CLASSES = frozenset({"QuantStub", "DeQuantStub", "QuantWrapper"})
@@ -36,6 +37,8 @@ class MQTracer(fx.Tracer):
         self.leaf_types = tuple(t for t in leaves if isinstance(t, type))
         self.leaf_names = frozenset(t for t in leaves if isinstance(t, str))
         self.mq_module_stack: list[str] = []
+        #: innermost module whose forward raised while tracing (the stack is unwound by the time trace() sees it)
+        self.mq_failed_module: str | None = None
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if module_qualified_name in self.leaf_names or (self.leaf_types and isinstance(m, self.leaf_types)):
@@ -44,14 +47,29 @@ class MQTracer(fx.Tracer):
             return False
         if getattr(m, "mq_leaf", False):
             return True
+        if _looks_frozen_bn(m):
+            # Frozen BNs (mq's and torchvision's FrozenBatchNorm2d) live outside torch.nn, so fx would trace them
+            # into mul/add ops and the fusion patterns could never fold them into the preceding layer.
+            return True
         return super().is_leaf_module(m, module_qualified_name)
 
     def call_module(self, m: nn.Module, forward: Any, args: Any, kwargs: Any) -> Any:
-        self.mq_module_stack.append(self.path_of_module(m))
+        path = self.path_of_module(m)
+        self.mq_module_stack.append(path)
         try:
             return super().call_module(m, forward, args, kwargs)
+        except Exception:
+            if self.mq_failed_module is None:
+                self.mq_failed_module = path
+            raise
         finally:
             self.mq_module_stack.pop()
+
+
+def _looks_frozen_bn(m: nn.Module) -> bool:
+    """``is_frozen_batch_norm``, checking the module's own buffers first: while tracing, ``hasattr(m, "weight")``
+    on a module whose weight is a Parameter makes fx record a (dangling) get_attr node."""
+    return "running_mean" in m._buffers and "momentum" not in m.__dict__ and is_frozen_batch_norm(m)
 
 
 def _user_frame(exc: BaseException) -> str:
@@ -74,7 +92,7 @@ def trace(
     try:
         graph = tracer.trace(root, concrete_args=concrete_args)
     except Exception as exc:
-        where = tracer.mq_module_stack[-1] if tracer.mq_module_stack and tracer.mq_module_stack[-1] else None
+        where = tracer.mq_failed_module or None
         module_text = f"inside module '{where}'" if where else f"in {type(root).__name__}.forward"
         line = _user_frame(exc)
         leaf_hint = f'leaf_modules=["{where}"]' if where else "leaf_modules=[<module name or type>]"
@@ -93,6 +111,9 @@ def trace(
         if not hasattr(root, attr):
             raise TraceError(f"preserved attribute {attr!r} does not exist on {name}.")
         setattr(gm, attr, getattr(root, attr))
+        # listed here, the attribute also survives copy.deepcopy (which rebuilds a GraphModule from its graph)
+        key = getattr(fx.graph_module, "_USER_PRESERVED_ATTRIBUTES_KEY", "_user_preserved_attributes")
+        gm.meta.setdefault(key, {})[attr] = getattr(root, attr)
     return gm
 
 

@@ -112,6 +112,11 @@ def fuse(gm: fx.GraphModule, patterns: Sequence[FusionPattern], mode: str) -> fx
             for dead, _ in reversed(chain[1:]):
                 gm.graph.erase_node(dead)
                 erased.add(dead)
+                if dead.op == "call_module":
+                    # Delete the absorbed BN/ReLU attribute now: the fused module holds the same object, and
+                    # named_modules() de-duplicates, so delete_all_unused_submodules() would never see this name
+                    # and a stale copy (its state dict, its parameters) would stay in the prepared model.
+                    gm.delete_submodule(str(dead.target))
             break
     gm.graph.lint()
     gm.delete_all_unused_submodules()

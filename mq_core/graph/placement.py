@@ -160,9 +160,8 @@ def _annotate_output(
     if kind in policy.merge_into_producer and tensor_args(node):
         if _source(tensor_args(node)[0], modules, policy) in ann.tensors:
             return  # ReLU of an already-quantized tensor stays on its grid (pass-through)
-    if (len(users) == 1 and users[0].op != "output" and not skip(users[0], modules)
-            and op_kind(users[0], modules) in policy.merge_into_producer):
-        return  # the following ReLU/ReLU6 carries this tensor's quantizer (a skipped one carries none)
+    if len(users) == 1 and users[0].op != "output" and op_kind(users[0], modules) in policy.merge_into_producer:
+        return  # the following ReLU/ReLU6 carries this tensor's quantizer
     if not _has_reader(node, modules, policy, skip):
         return
     ann.request(node, None, f"output of {kind}")
