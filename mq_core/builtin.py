@@ -47,7 +47,7 @@ PRESETS = (
     QConfigPreset(
         "w8a8-pot", "8-bit power-of-two scales, symmetric weights (TVM academic setting, shift-only requant).",
         weight_bits=8, activation_bits=8,
-        weight_scheme={"symmetric": True, "pot_scale": True},
+        weight_scheme={"symmetric": True, "signed": True, "pot_scale": True},
         activation_scheme={"pot_scale": True},
     ),
     QConfigPreset(

@@ -18,6 +18,9 @@ class Runtime:
     module: ClassVar[str]
     install: ClassVar[str]
     domains: ClassVar[frozenset[str]] = frozenset({"", "ai.onnx"})
+    #: Allowed difference in steps when ``verify`` is not given one (None: the default, 1 step). A runtime that
+    #: declares a larger one says why in its docstring.
+    tolerance: ClassVar[float | None] = None
 
     def available(self) -> bool:
         return importlib.util.find_spec(self.module) is not None
@@ -28,6 +31,10 @@ class Runtime:
 
     def run(self, model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         raise NotImplementedError
+
+    def notes(self, model: onnx.ModelProto) -> list[str]:
+        """What a reader of a verification report should know about this run (e.g. hardware caveats)."""
+        return []
 
     def __repr__(self) -> str:
         return f"<runtime {self.name}>"

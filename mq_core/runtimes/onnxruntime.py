@@ -8,6 +8,7 @@ import numpy as np
 import onnx
 
 from mq_core.runtimes.base import Runtime
+from mq_core.runtimes.cpu import SATURATION_NOTE, int8_may_saturate
 
 if TYPE_CHECKING:
     import onnxruntime
@@ -39,8 +40,12 @@ class OnnxRuntime(Runtime):
 
 
 class OnnxRuntimeOptimized(OnnxRuntime):
-    """Optimisations on: Q/DQ fused into integer kernels (QLinearConv, QGemm) where ONNX Runtime can."""
+    """Optimisations on: Q/DQ fused into integer kernels (QLinearConv, QGemm) where ONNX Runtime can: what a
+    deployment on this CPU computes, including the int16 saturation of CPUs without VNNI."""
 
     name = "onnxruntime-opt"
     description = "ONNX Runtime CPU, all graph optimisations (integer kernels where it fuses Q/DQ)."
     optimize = True
+
+    def notes(self, model: onnx.ModelProto) -> list[str]:
+        return [f"{self.name}: {SATURATION_NOTE}"] if int8_may_saturate() else []

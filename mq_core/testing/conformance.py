@@ -57,7 +57,7 @@ def run_conformance(
     test_inputs: tuple[torch.Tensor, ...] | None = None,
     exporters: list[str] | None = None,
     runtimes: Sequence[str] | None = None,
-    tolerance: float = 1.0,
+    tolerance: float | None = None,
     qconfig: Any = None,
     model_name: str = "model",
 ) -> ConformanceResult:
