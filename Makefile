@@ -4,6 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.mq-installed
+DEMO_OUT ?= mq-out
 PACKAGES := -e ".[test]" \
 	-e "plugins/mq_trt[test]" -e "plugins/mq_snpe[test]" -e "plugins/mq_tvm[test]" \
 	-e "plugins/mq_openvino[test]" -e "plugins/mq_tengine[test]" -e "plugins/mq_algos[test]"
@@ -20,7 +21,7 @@ $(STAMP): pyproject.toml plugins/*/pyproject.toml
 	touch $(STAMP)
 
 demo: setup
-	$(BIN)/mq quantize
+	$(BIN)/mq quantize --out $(DEMO_OUT)
 
 test: setup
 	@$(BIN)/python -m pytest; rc=$$?; \
