@@ -147,6 +147,26 @@ class AttentionBlock(nn.Module):
         return self.cls(x.mean(dim=1))
 
 
+class ResNet18(nn.Module):
+    """ResNet-18's shape (BasicBlock [2, 2, 2, 2], 64-512 channels, 7x7 stem) for benchmarks at 224x224; too slow
+    for the conformance zoo, which uses the small models below."""
+
+    def __init__(self, num_classes: int = 1000) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 64, 7, 2, 3, bias=False), nn.BatchNorm2d(64), nn.ReLU())
+        self.pool = nn.MaxPool2d(3, 2, 1)
+        blocks, cin = [], 64
+        for cout, stride in ((64, 1), (128, 2), (256, 2), (512, 2)):
+            blocks += [BasicBlock(cin, cout, stride), BasicBlock(cout, cout)]
+            cin = cout
+        self.layers = nn.Sequential(*blocks)
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(512, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.flatten(self.avgpool(self.layers(self.pool(self.stem(x)))), 1))
+
+
 @dataclass(frozen=True)
 class ZooModel:
     """A zoo entry: name, a factory for the float model (eval mode, randomised BN stats) and an input shape."""
