@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 from mq_core.errors import ConfigError
 from mq_core.export.exporter import ExportContext, Exporter
+from mq_core.export.qdq import QDQExporter
 from mq_openvino.fakequantize import WEIGHT_FORMS, to_fake_quantize
 
 
@@ -40,11 +41,8 @@ class OpenVINOExporter(Exporter):
                       "ONNX with org.openvinotoolkit FakeQuantize: ov.Core().read_model(<file>) or `ovc <file>`.")
 
 
-class OpenVINOQDQExporter(Exporter):
+class OpenVINOQDQExporter(QDQExporter):
     name = "openvino-qdq"
     description = "Plain QDQ ONNX; OpenVINO converts the Q/DQ pairs to FakeQuantize when it reads the model."
     backends = ("openvino",)
-
-    def export(self, ctx: ExportContext) -> None:
-        ctx.save_onnx(f"{ctx.options.name}.onnx", ctx.qdq_model, "onnx-qdq",
-                      "QDQ ONNX for OpenVINO (read_model converts Q/DQ to FakeQuantize); also runs in ONNX Runtime.")
+    usage = "QDQ ONNX for OpenVINO (read_model converts Q/DQ to FakeQuantize); also runs in ONNX Runtime."

@@ -13,7 +13,8 @@ import logging
 from dataclasses import dataclass
 
 from mq_core.errors import ConfigError, ExportError
-from mq_core.export.exporter import ExportContext, Exporter
+from mq_core.export.exporter import ExportContext
+from mq_core.export.qdq import QDQExporter
 from mq_trt.lint import format_violations, lint_qdq
 
 log = logging.getLogger(__name__)
@@ -21,14 +22,15 @@ log = logging.getLogger(__name__)
 LINT_MODES = ("error", "warn")
 
 
-class TensorRTExporter(Exporter):
+class TensorRTExporter(QDQExporter):
     name = "tensorrt"
     description = ("Explicit-quantization Q/DQ ONNX for TensorRT 10/11 (int8 symmetric, per-channel narrow-range "
                    "weights), checked against TensorRT's Q/DQ placement rules.")
     backends = ("tensorrt",)
+    usage = "Explicit-quantization Q/DQ ONNX for TensorRT 10/11: trtexec --onnx=<file> --stronglyTyped."
 
     @dataclass(frozen=True)
-    class Options(Exporter.Options):
+    class Options(QDQExporter.Options):
         """name: file name stem (``model`` -> ``model.onnx``).
         lint: ``"error"`` refuses an ONNX that breaks TensorRT's Q/DQ rules (see ``mq_trt.lint``); ``"warn"`` logs
         the violations and writes it anyway (TensorRT may then reject it or run some layers in float).
@@ -52,5 +54,4 @@ class TensorRTExporter(Exporter):
                     "qconfig (or a preset that keeps its grids), or pass lint='warn' to write it anyway."
                 )
             log.warning("%s\nwriting it anyway (lint='warn').", summary)
-        ctx.save_onnx(f"{ctx.options.name}.onnx", ctx.qdq_model, "onnx-qdq",
-                      "Explicit-quantization Q/DQ ONNX for TensorRT 10/11: trtexec --onnx=<file> --stronglyTyped.")
+        super().export(ctx)

@@ -13,19 +13,17 @@ from __future__ import annotations
 import logging
 
 from mq_core.export.exporter import ExportContext, Exporter
+from mq_core.export.qdq import QDQExporter
 from mq_tvm.qoperator import to_qoperator
 
 log = logging.getLogger(__name__)
 
 
-class TVMExporter(Exporter):
+class TVMExporter(QDQExporter):
     name = "tvm"
     description = "QDQ ONNX imported by tvm.relax.frontend.onnx.from_onnx (TVM 0.27 reads the canonical form as is)."
     backends = ("tvm",)
-
-    def export(self, ctx: ExportContext) -> None:
-        ctx.save_onnx(f"{ctx.options.name}.onnx", ctx.qdq_model, "onnx-qdq",
-                      "QDQ ONNX for TVM relax: from_onnx(model, shape_dict={...}) -> tvm.compile(target='llvm').")
+    usage = "QDQ ONNX for TVM relax: from_onnx(model, shape_dict={...}) -> tvm.compile(target='llvm')."
 
 
 class TVMQOperatorExporter(Exporter):
