@@ -24,6 +24,7 @@ from mq_core.export import export_many
 from mq_core.export.onnx_graph import Graph
 from mq_core.export.quant_table import TensorQuant
 from mq_core.runtimes.cpu import int8_may_saturate
+from mq_core.testing import golden
 from mq_core.testing.zoo import ZOO
 
 log = logging.getLogger(__name__)
@@ -36,35 +37,26 @@ CONV_W_SCALES, FC_W_SCALES = [0.01, 0.02, 0.03], [0.004, 0.005]
 INT8_KERNEL_QCONFIG = "reduce-range"
 
 
-class Tiny(nn.Module):
-    """Conv(2 -> 3, 3x3) -> ReLU -> flatten -> Linear(48 -> 2)."""
+#: The tiny model: Conv(2 -> 3, 3x3, padding 1) -> ReLU -> nn.Flatten -> Linear(48 -> 2), on [2, 2, 4, 4] inputs.
+TINY_SHAPE = {"in_channels": 2, "size": 4}
 
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(2, 3, 3, padding=1)
-        self.relu = nn.ReLU()
-        self.flatten = nn.Flatten()
-        self.fc = nn.Linear(48, 2)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(self.flatten(self.relu(self.conv(x))))
+def tiny_model() -> nn.Module:
+    return golden.TinyNet(**TINY_SHAPE, channels=3, kernel=3, padding=1, flatten_module=True)
 
 
 def tiny_inputs() -> torch.Tensor:
-    return torch.randn(2, 2, 4, 4, generator=torch.Generator().manual_seed(0))
+    return golden.tiny_inputs(**TINY_SHAPE)
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, mq.ExportResult]:
     """The tiny model, calibrated, then every qparam set by hand; exported with both exporters."""
     torch.manual_seed(0)
-    qmodel = mq.prepare(Tiny().eval(), "openvino", tiny_inputs())
+    qmodel = mq.prepare(tiny_model().eval(), "openvino", tiny_inputs())
     mq.calibrate(qmodel, [tiny_inputs()], progress=False)
-    quantizers = mq.quantizers(qmodel)
-    quantizers["x_fq"].set_qparams(torch.tensor(S_X), torch.tensor(0))
-    quantizers["flatten_fq"].set_qparams(torch.tensor(S_FC_IN), torch.tensor(0))
-    quantizers["conv.weight_fake_quant"].set_qparams(torch.tensor(CONV_W_SCALES), torch.zeros(3, dtype=torch.int32))
-    quantizers["fc.weight_fake_quant"].set_qparams(torch.tensor(FC_W_SCALES), torch.zeros(2, dtype=torch.int32))
+    golden.set_qparams(qmodel, {"x_fq": (S_X, 0), "flatten_fq": (S_FC_IN, 0),
+                                "conv.weight_fake_quant": (CONV_W_SCALES, 0), "fc.weight_fake_quant": (FC_W_SCALES, 0)})
     return export_many(qmodel, tiny_inputs(), tmp_path_factory.mktemp("tiny"))
 
 
@@ -212,7 +204,7 @@ def test_runtime_says_when_it_avoids_saturating_int8_kernels() -> None:
 
 
 def test_exporting_uncalibrated_model_raises_and_writes_nothing(tmp_path: Path) -> None:
-    qmodel = mq.prepare(Tiny().eval(), "openvino", tiny_inputs())
+    qmodel = mq.prepare(tiny_model().eval(), "openvino", tiny_inputs())
     out = tmp_path / "out"
     with pytest.raises(mq.ExportError, match="calibrat"):
         mq.export(qmodel, tiny_inputs(), out)

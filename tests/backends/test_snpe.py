@@ -18,6 +18,7 @@ from mq_core.export.quant_table import TensorQuant
 from mq_core.export.ranges import graph_order, propagate_through_passthrough
 from mq_core.plugins.lookup import get_entry
 from mq_core.quant.scheme import INT8_SYM_PER_CHANNEL, UINT8_AFFINE
+from mq_core.testing.golden import TinyNet, set_qparams, tiny_inputs
 from mq_core.testing.zoo import ZOO
 
 ZOO_MODELS = ("resnet", "mobilenet", "unet", "mlp_bn", "attention")
@@ -27,28 +28,11 @@ S_X = 0.10000000149011612  # float32(0.1)
 S_RELU = 0.05000000074505806  # float32(0.05)
 
 
-class Tiny(nn.Module):
-    """Conv(1->2, 1x1, bias) -> ReLU -> flatten -> Linear(8 -> 2)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(1, 2, 1)
-        self.relu = nn.ReLU()
-        self.fc = nn.Linear(8, 2)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(torch.flatten(self.relu(self.conv(x)), 1))
-
-
-def _tiny_inputs() -> torch.Tensor:
-    return torch.randn(2, 1, 2, 2, generator=torch.Generator().manual_seed(0))
-
-
 def _tiny_prepared() -> nn.Module:
     torch.manual_seed(0)
     qconfig = mq.QConfig(mq.QuantizerSpec(INT8_SYM_PER_CHANNEL), mq.QuantizerSpec(UINT8_AFFINE, "ema_minmax"),
                          name="golden")
-    return mq.prepare(Tiny().eval(), "snpe", _tiny_inputs(), qconfig=qconfig)
+    return mq.prepare(TinyNet().eval(), "snpe", tiny_inputs(), qconfig=qconfig)
 
 
 # qparams set by hand on every quantizer: (scale, zero point)
@@ -64,12 +48,10 @@ HAND_QPARAMS = {
 @pytest.fixture(scope="module")
 def golden(tmp_path_factory: pytest.TempPathFactory) -> dict[str, mq.ExportResult]:
     qmodel = _tiny_prepared()
-    mq.calibrate(qmodel, [_tiny_inputs()], progress=False)
-    fqs = mq.quantizers(qmodel)
-    assert set(fqs) == set(HAND_QPARAMS)
-    for name, (scale, zero) in HAND_QPARAMS.items():
-        fqs[name].set_qparams(torch.tensor(scale), torch.tensor(zero))
-    return export_many(qmodel, _tiny_inputs(), tmp_path_factory.mktemp("golden"), exporters=["snpe", "qnn"])
+    mq.calibrate(qmodel, [tiny_inputs()], progress=False)
+    assert set(mq.quantizers(qmodel)) == set(HAND_QPARAMS)
+    set_qparams(qmodel, HAND_QPARAMS)
+    return export_many(qmodel, tiny_inputs(), tmp_path_factory.mktemp("golden"), exporters=["snpe", "qnn"])
 
 
 def _legacy(scale: float, offset: int, symmetric: bool) -> dict:
@@ -138,10 +120,10 @@ def test_golden_reads_back_and_verifies(golden: dict[str, mq.ExportResult], expo
     assert (x.qmin, x.qmax, int(x.zero_point), float(x.scale)) == (0, 255, 3, S_X)
     w = table["fc.weight"]  # int8 symmetric comes back as the same grid on uint8 codes (z = 128)
     assert w.axis == 0 and w.zero_point.tolist() == [128, 128] and w.scale.tolist() == [0.25, 0.5]
-    report = mq.verify(result, _tiny_inputs())
+    report = mq.verify(result, tiny_inputs())
     assert report.passed and all(c.exact == 1.0 for c in report.checks), report.table()
     reloaded = mq.ExportResult.load(result.out_dir)  # as `mq verify` does later, from the files alone
-    assert mq.verify(reloaded, _tiny_inputs(), qmodel=result.qmodel).passed
+    assert mq.verify(reloaded, tiny_inputs(), qmodel=result.qmodel).passed
 
 
 @pytest.fixture(scope="module")
@@ -202,16 +184,16 @@ def test_backend_lists_both_exporters() -> None:
 def test_uncalibrated_model_raises_and_writes_nothing(tmp_path: Path) -> None:
     out = tmp_path / "out"
     with pytest.raises(mq.ExportError, match="calibrat"):
-        mq.export(_tiny_prepared(), _tiny_inputs(), out, exporter="snpe")
+        mq.export(_tiny_prepared(), tiny_inputs(), out, exporter="snpe")
     assert not out.exists() or not any(out.rglob("*"))
 
 
 @pytest.mark.parametrize("options, message", [({"format": "2.0"}, "0.6.1"), ({"fromat": "1.0.0"}, "format")])
 def test_bad_options_raise_config_error(tmp_path: Path, options: dict, message: str) -> None:
     qmodel = _tiny_prepared()
-    mq.calibrate(qmodel, [_tiny_inputs()], progress=False)
+    mq.calibrate(qmodel, [tiny_inputs()], progress=False)
     with pytest.raises(mq.ConfigError, match=message):
-        mq.export(qmodel, _tiny_inputs(), tmp_path / "out", exporter="snpe", **options)
+        mq.export(qmodel, tiny_inputs(), tmp_path / "out", exporter="snpe", **options)
     assert not (tmp_path / "out").exists()
 
 

@@ -18,31 +18,15 @@ import mq_core as mq
 from mq_core.export.quant_table import TensorQuant
 from mq_core.export.ranges import graph_order
 from mq_core.plugins.lookup import get_entry
+from mq_core.testing.golden import TinyNet, set_qparams, tiny_inputs
 from mq_core.testing.zoo import ZOO
 
 ZOO_MODELS = ("resnet", "mobilenet", "unet", "mlp_bn", "attention")
 
 
-class Tiny(nn.Module):
-    """Conv(1->2, 1x1, bias) -> ReLU -> flatten -> Linear(8 -> 2)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(1, 2, 1)
-        self.relu = nn.ReLU()
-        self.fc = nn.Linear(8, 2)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(torch.flatten(self.relu(self.conv(x)), 1))
-
-
-def _tiny_inputs() -> torch.Tensor:
-    return torch.randn(2, 1, 2, 2, generator=torch.Generator().manual_seed(0))
-
-
 def _tiny_prepared() -> nn.Module:
     torch.manual_seed(0)
-    return mq.prepare(Tiny().eval(), "tengine", _tiny_inputs())
+    return mq.prepare(TinyNet().eval(), "tengine", tiny_inputs())
 
 
 # qparams set by hand on every quantizer (Tengine_u8: uint8 per-tensor everywhere): (scale, zero point)
@@ -58,12 +42,10 @@ HAND_QPARAMS = {
 @pytest.fixture(scope="module")
 def golden(tmp_path_factory: pytest.TempPathFactory) -> mq.ExportResult:
     qmodel = _tiny_prepared()
-    mq.calibrate(qmodel, [_tiny_inputs()], progress=False)
-    fqs = mq.quantizers(qmodel)
-    assert set(fqs) == set(HAND_QPARAMS)
-    for name, (scale, zero) in HAND_QPARAMS.items():
-        fqs[name].set_qparams(torch.tensor(scale), torch.tensor(zero))
-    return mq.export(qmodel, _tiny_inputs(), tmp_path_factory.mktemp("golden"))
+    mq.calibrate(qmodel, [tiny_inputs()], progress=False)
+    assert set(mq.quantizers(qmodel)) == set(HAND_QPARAMS)
+    set_qparams(qmodel, HAND_QPARAMS)
+    return mq.export(qmodel, tiny_inputs(), tmp_path_factory.mktemp("golden"))
 
 
 def test_golden_scale_table(golden: mq.ExportResult) -> None:
@@ -92,7 +74,7 @@ def test_golden_runnable_uses_tengine_weight_rule(golden: mq.ExportResult) -> No
         lo, hi = min(float(w.min()), 0.0), max(float(w.max()), 0.0)
         assert init[f"{name}_mq_scale"].shape == () and init[f"{name}_mq_zero_point"].dtype == np.uint8
         assert np.isclose(init[f"{name}_mq_scale"], (hi - lo) / 255, rtol=1e-6)
-    report = mq.verify(golden, _tiny_inputs())
+    report = mq.verify(golden, tiny_inputs())
     assert report.passed, report.table()
 
 
@@ -134,15 +116,15 @@ def test_backend_lists_exporter() -> None:
 def test_uncalibrated_model_raises_and_writes_nothing(tmp_path: Path) -> None:
     out = tmp_path / "out"
     with pytest.raises(mq.ExportError, match="calibrat"):
-        mq.export(_tiny_prepared(), _tiny_inputs(), out)
+        mq.export(_tiny_prepared(), tiny_inputs(), out)
     assert not out.exists() or not any(out.rglob("*"))
 
 
 def test_unknown_option_raises_config_error(tmp_path: Path) -> None:
     qmodel = _tiny_prepared()
-    mq.calibrate(qmodel, [_tiny_inputs()], progress=False)
+    mq.calibrate(qmodel, [tiny_inputs()], progress=False)
     with pytest.raises(mq.ConfigError, match="format"):
-        mq.export(qmodel, _tiny_inputs(), tmp_path / "out", format="2.0")
+        mq.export(qmodel, tiny_inputs(), tmp_path / "out", format="2.0")
     assert not (tmp_path / "out").exists()
 
 

@@ -28,6 +28,7 @@ from mq_core.export import export_many
 from mq_core.export.onnx_graph import Graph
 from mq_core.export.quant_table import strip_qdq
 from mq_core.quant.scheme import UINT8_AFFINE
+from mq_core.testing import golden
 from mq_core.testing.zoo import ZOO
 
 # --- a tiny model with hand-set qparams ---------------------------------------------------------------------------
@@ -37,31 +38,20 @@ FC_CODES = np.array([[127, -3, 0, 5, 9, -1, 2, 64], [-127, 1, 1, 0, 0, 0, 8, -8]
 FC_SCALE = 2.0**-7
 
 
-class Tiny(nn.Module):
-    """Conv(1 -> 2, 1x1) -> ReLU -> flatten -> Linear(8 -> 3)."""
 
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(1, 2, 1)
-        self.relu = nn.ReLU()
-        self.flatten = nn.Flatten()
-        self.fc = nn.Linear(8, 3)
-        with torch.no_grad():
-            self.conv.weight.copy_(torch.tensor(CONV_W).reshape(2, 1, 1, 1))
-            self.conv.bias.copy_(torch.tensor([0.0, 0.5]))
-            self.fc.weight.copy_(torch.tensor(FC_CODES * FC_SCALE, dtype=torch.float32))
-            self.fc.bias.copy_(torch.tensor([0.25, -0.25, 0.0]))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(self.flatten(self.relu(self.conv(x))))
+def tiny_model() -> nn.Module:
+    """Conv(1 -> 2, 1x1) -> ReLU -> nn.Flatten -> Linear(8 -> 3), every weight and bias set by hand."""
+    return golden.TinyNet(classes=3, flatten_module=True, conv_weight=CONV_W, conv_bias=[0.0, 0.5],
+                          fc_weight=FC_CODES * FC_SCALE, fc_bias=[0.25, -0.25, 0.0])
 
 
 def tiny_inputs() -> torch.Tensor:
-    return torch.linspace(-3.0, 3.0, 8).reshape(2, 1, 2, 2)
+    return golden.tiny_inputs(span=(-3.0, 3.0))  # [2, 1, 2, 2], evenly spaced
 
 
 def prepare_tiny(qconfig: mq.QConfig | None = None, calibrate: bool = True) -> nn.Module:
-    qmodel = mq.prepare(Tiny().eval(), "tensorrt", tiny_inputs(), qconfig=qconfig)
+    qmodel = mq.prepare(tiny_model().eval(), "tensorrt", tiny_inputs(), qconfig=qconfig)
     if calibrate:
         mq.calibrate(qmodel, [tiny_inputs()], progress=False)
     return qmodel
@@ -71,9 +61,7 @@ def prepare_tiny(qconfig: mq.QConfig | None = None, calibrate: bool = True) -> n
 def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, mq.ExportResult]:
     """The tiny model, calibrated, activation scales then set by hand, exported with both exporters."""
     qmodel = prepare_tiny()
-    quantizers = mq.quantizers(qmodel)
-    quantizers["x_fq"].set_qparams(torch.tensor(S_X), torch.tensor(0))
-    quantizers["flatten_fq"].set_qparams(torch.tensor(S_FLAT), torch.tensor(0))
+    golden.set_qparams(qmodel, {"x_fq": (S_X, 0), "flatten_fq": (S_FLAT, 0)})
     return export_many(qmodel, tiny_inputs(), tmp_path_factory.mktemp("tiny"), ["tensorrt", "tensorrt-legacy"])
 
 

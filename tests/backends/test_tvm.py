@@ -24,6 +24,7 @@ import mq_core as mq
 from mq_core.export import export_many
 from mq_core.export.onnx_graph import Graph
 from mq_core.runtimes.onnxruntime import OnnxRuntime
+from mq_core.testing import golden
 from mq_core.testing.zoo import ZOO
 
 log = logging.getLogger(__name__)
@@ -45,35 +46,27 @@ CONV_BIAS_CODES, FC_BIAS_CODES = [247, -400, 103], [6250, -3125]
 #: the default tolerance (1 step, with verify's float margin) accepts.
 
 
-class Tiny(nn.Module):
-    """Conv(2 -> 3, 3x3) -> ReLU -> flatten -> Linear(48 -> 2)."""
+#: The tiny model: Conv(2 -> 3, 3x3, padding 1) -> ReLU -> nn.Flatten -> Linear(48 -> 2), on [2, 2, 4, 4] inputs,
+#: with the biases above.
+TINY_SHAPE = {"in_channels": 2, "size": 4}
 
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(2, 3, 3, padding=1)
-        self.relu = nn.ReLU()
-        self.flatten = nn.Flatten()
-        self.fc = nn.Linear(48, 2)
-        with torch.no_grad():
-            self.conv.bias.copy_(torch.tensor(CONV_BIAS))
-            self.fc.bias.copy_(torch.tensor(FC_BIAS))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(self.flatten(self.relu(self.conv(x))))
+def tiny_model() -> nn.Module:
+    return golden.TinyNet(**TINY_SHAPE, channels=3, kernel=3, padding=1, flatten_module=True, conv_bias=CONV_BIAS,
+                          fc_bias=FC_BIAS)
 
 
 def tiny_inputs() -> torch.Tensor:
-    return torch.randn(2, 2, 4, 4, generator=torch.Generator().manual_seed(0))
+    return golden.tiny_inputs(**TINY_SHAPE)
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, mq.ExportResult]:
     """The tiny model, calibrated, then every qparam set by hand (``QPARAMS``); exported with both exporters."""
     torch.manual_seed(0)
-    qmodel = mq.prepare(Tiny().eval(), "tvm", tiny_inputs())
+    qmodel = mq.prepare(tiny_model().eval(), "tvm", tiny_inputs())
     mq.calibrate(qmodel, [tiny_inputs()], progress=False)
-    for name, (scale, zero_point) in QPARAMS.items():
-        mq.quantizers(qmodel)[name].set_qparams(torch.tensor(scale), torch.tensor(zero_point))
+    golden.set_qparams(qmodel, QPARAMS)
     return export_many(qmodel, tiny_inputs(), tmp_path_factory.mktemp("tiny"))
 
 
@@ -216,7 +209,7 @@ def test_zoo_model_verifies_with_both_exporters(model: str, tmp_path: Path) -> N
 
 
 def test_exporting_uncalibrated_model_raises_and_writes_nothing(tmp_path: Path) -> None:
-    qmodel = mq.prepare(Tiny().eval(), "tvm", tiny_inputs())
+    qmodel = mq.prepare(tiny_model().eval(), "tvm", tiny_inputs())
     for exporter in ("tvm", "tvm-qoperator"):
         out = tmp_path / exporter
         with pytest.raises(mq.ExportError, match="calibrat"):

@@ -23,6 +23,7 @@ from torch import nn
 import mq_core as mq
 import mq_core.plugins
 from mq_core.export.quant_table import TensorQuant
+from mq_core.testing.golden import TinyNet, set_qparams, tiny_inputs
 
 PLUGIN_SOURCE = Path(__file__).resolve().parents[2] / "examples" / "mq_plugin_example"
 DISTRIBUTION = "mq-plugin-example"
@@ -110,23 +111,6 @@ def test_pot_npu_conforms_on_zoo_model(mq_conformance, tmp_path: Path, model: st
 # --- golden: a tiny model with power-of-two scales set by hand ---------------------------------------------------
 
 
-class Tiny(nn.Module):
-    """Conv(1->2, 1x1, bias) -> ReLU -> flatten -> Linear(8 -> 2)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(1, 2, 1)
-        self.relu = nn.ReLU()
-        self.fc = nn.Linear(8, 2)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(torch.flatten(self.relu(self.conv(x)), 1))
-
-
-def _tiny_inputs() -> torch.Tensor:
-    return torch.randn(4, 1, 2, 2, generator=torch.Generator().manual_seed(0))
-
-
 #: fix position of every quantizer (scale 2^-p, zero point 0)
 HAND_FIX_POS = {"x_fq": 5, "conv.weight_fake_quant": 7, "conv_fq": 4, "fc.weight_fake_quant": 6, "fc_fq": 3}
 
@@ -149,17 +133,15 @@ GOLDEN = {
 
 def _calibrated_tiny(fix_pos: dict[str, int]) -> nn.Module:
     torch.manual_seed(0)
-    qmodel = mq.prepare(Tiny().eval(), "pot-npu", _tiny_inputs())
-    mq.calibrate(qmodel, [_tiny_inputs()], progress=False)
-    fqs = mq.quantizers(qmodel)
-    assert set(fqs) == set(fix_pos)
-    for name, p in fix_pos.items():
-        fqs[name].set_qparams(torch.tensor(2.0 ** -p), torch.tensor(0))
+    qmodel = mq.prepare(TinyNet().eval(), "pot-npu", tiny_inputs(batch=4))
+    mq.calibrate(qmodel, [tiny_inputs(batch=4)], progress=False)
+    assert set(mq.quantizers(qmodel)) == set(fix_pos)
+    set_qparams(qmodel, {name: (2.0 ** -p, 0) for name, p in fix_pos.items()})
     return qmodel
 
 
 def test_golden_fixpos_file(tmp_path: Path) -> None:
-    result = mq.export(_calibrated_tiny(HAND_FIX_POS), _tiny_inputs(), tmp_path / "out")
+    result = mq.export(_calibrated_tiny(HAND_FIX_POS), tiny_inputs(batch=4), tmp_path / "out")
     assert result.exporter == "pot-npu"
     assert {a.path.name for a in result.artifacts} == {"model.float.onnx", "model.fixpos.json"}
     assert json.loads(result.path("fixpos").read_text()) == GOLDEN
@@ -174,7 +156,7 @@ def test_golden_fixpos_file(tmp_path: Path) -> None:
     assert (table["fc.weight"].qmin, table["fc.weight"].qmax, table["x"].qmin) == (-127, 127, -128)
     assert {i.name for i in runnable.model.graph.initializer} >= {"conv.weight_mq_codes", "fc.weight_mq_codes"}
 
-    report = mq.verify(result, _tiny_inputs())
+    report = mq.verify(result, tiny_inputs(batch=4))
     assert report.passed and all(c.exact == 1.0 for c in report.checks), report.table()
 
 
@@ -183,7 +165,7 @@ def test_a_scale_that_is_not_a_power_of_two_is_refused(tmp_path: Path) -> None:
     mq.quantizers(qmodel)["conv_fq"].set_qparams(torch.tensor(0.05), torch.tensor(0))
     out = tmp_path / "out"
     with pytest.raises(mq.ExportError, match="not a power of two"):
-        mq.export(qmodel, _tiny_inputs(), out)
+        mq.export(qmodel, tiny_inputs(batch=4), out)
     assert not out.exists() or not any(out.rglob("*"))  # staged: nothing is left behind
 
 
