@@ -3,6 +3,9 @@
 ``METHODS`` holds one instance per method; ``mq_algos.plugin`` registers them.
 """
 
-from typing import Any
+from mq_algos.ptq.adaround import AdaRound
+from mq_algos.ptq.brecq import BRECQ
+from mq_algos.ptq.qdrop import QDrop
+from mq_core.ptq import PTQMethod
 
-METHODS: list[Any] = []
+METHODS: list[PTQMethod] = [AdaRound(), BRECQ(), QDrop()]
