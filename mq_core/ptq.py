@@ -36,7 +36,7 @@ class PTQMethod:
         if config is not None and overrides:
             raise ConfigError("pass either a config object or keyword overrides, not both.")
         if config is not None:
-            if not isinstance(config, self.Config):
+            if type(config) is not self.Config:  # a subclass (QDrop's config for BRECQ) would be half ignored
                 raise ConfigError(f"{self.name} expects a {type(self).__name__}.Config, got {type(config).__name__}.")
             return config
         known = {f.name for f in dataclasses.fields(self.Config)}

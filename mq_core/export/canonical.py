@@ -14,9 +14,12 @@ from __future__ import annotations
 import ast
 import contextlib
 import inspect
+import io
 import logging
+import re
 import warnings
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -34,12 +37,15 @@ from mq_core.export.quant_table import QuantTable, TensorQuant
 log = logging.getLogger(__name__)
 
 OPSET = 18
+_TORCH_DIR = str(Path(torch.__file__).parent)
+_MQ_DIR = str(Path(__file__).parents[1])
 _SCOPES = "pkg.torch.onnx.name_scopes"
 
 
 @contextlib.contextmanager
 def _quiet_exporter() -> Iterator[None]:
-    """The dynamo exporter logs progress and optional-dependency notes on loggers/warnings: keep them quiet."""
+    """The dynamo exporter logs progress and optional-dependency notes on loggers/warnings, and prints pages of
+    graph on stderr when it fails: keep them quiet (a failure becomes one ExportError paragraph)."""
     names = ("torch.onnx", "torch.export", "torch._dynamo", "onnxscript", "onnx_ir",
              "torch.fx.experimental.symbolic_shapes")
     loggers = [logging.getLogger(n) for n in names]
@@ -47,7 +53,7 @@ def _quiet_exporter() -> Iterator[None]:
     for lg in loggers:
         lg.setLevel(logging.ERROR)
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()):
             warnings.simplefilter("ignore")
             yield
     finally:
@@ -153,6 +159,29 @@ def _canonicalise(model: onnx.ModelProto, deploy: nn.Module, table: QuantTable) 
     model.producer_name, model.producer_version = "mq", __version__
 
 
+_USER_CODE = re.compile(r"# File: (?P<file>[^\n]+?):(?P<line>\d+) in \w+, code: (?P<code>[^\n]+)")
+_NOISE = ("This is step", "Modify the model", "Debug `torch", "Create an issue", "## ", "Failed to export")
+
+
+def _export_failure(exc: BaseException) -> str:
+    """One paragraph from torch's multi-page export error: the root cause, the user's line, and the fix."""
+    chain = [exc]
+    while chain[-1].__cause__ is not None and len(chain) < 10:
+        chain.append(chain[-1].__cause__)
+    text = "\n".join(str(e) for e in chain)
+    cause = next((line.strip() for e in reversed(chain) for line in str(e).splitlines()
+                  if line.strip() and not line.strip().startswith(_NOISE)), type(exc).__name__)
+    sites = [m for m in _USER_CODE.finditer(text) if not m["file"].startswith((_TORCH_DIR, _MQ_DIR))]
+    where = f" at {sites[-1]['file']}:{sites[-1]['line']}: `{sites[-1]['code'].strip()}`" if sites else ""
+    if "data-dependent" in text or "GuardOnDataDependent" in text:
+        fix = ("the model branches on tensor values, which no exported graph can express: rewrite the branch with "
+               "torch.where (or torch.cond), or keep that part of the model outside the quantized model")
+    else:
+        fix = ("keep the layer that uses the unsupported op in float (prepare(..., skip=[...])) or outside the "
+               "quantized sub-module (modules=[...])")
+    return f"torch could not export the deploy graph to ONNX{where}: {cause[:300]}. Fix: {fix}."
+
+
 def export_qdq_onnx(
     qmodel: nn.Module, example_inputs: tuple[torch.Tensor, ...], opset: int = OPSET
 ) -> tuple[onnx.ModelProto, QuantTable]:
@@ -175,11 +204,7 @@ def export_qdq_onnx(
                 external_data=False,
             )
     except Exception as exc:
-        raise ExportError(
-            f"torch could not export the deploy graph to ONNX: {type(exc).__name__}: {str(exc)[:800]}. If an "
-            "unsupported op is named above, keep the layer that uses it in float (prepare(..., skip=[...])) or "
-            "make it a leaf module."
-        ) from exc
+        raise ExportError(_export_failure(exc)) from exc
     model = program.model_proto
     _canonicalise(model, deploy, table)
     return onnx.shape_inference.infer_shapes(model, strict_mode=False), table
