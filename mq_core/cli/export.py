@@ -12,22 +12,12 @@ import torch
 from torch import nn
 
 from mq_core.checkpoint import inputs_from_specs, load_checkpoint, restore
-from mq_core.cli.loading import build_model, load_tensor_file
+from mq_core.cli.loading import build_model, load_tensor_file, parse_key_value
 from mq_core.cli.table import render_table
 from mq_core.errors import ConfigError
 from mq_core.export import ExportResult, export
 from mq_core.plugins.manager import get_manager
 from mq_core.verify import verify
-
-
-def _parse_option(text: str) -> tuple[str, Any]:
-    key, sep, value = text.partition("=")
-    if not sep or not key:
-        raise ConfigError(f"exporter options look like key=value, got {text!r}.")
-    try:
-        return key, json.loads(value)
-    except json.JSONDecodeError:
-        return key, value
 
 
 def restore_checkpoint(path: str, model_ref: str | None) -> tuple[nn.Module, dict[str, Any]]:
@@ -53,7 +43,8 @@ def export_command(checkpoint: str, model_ref: str | None, exporter: str | None,
     qmodel, record = restore_checkpoint(checkpoint, model_ref)
     inputs = inputs_from_specs(record["inputs"])
     folder = Path(out) if out else Path(checkpoint).parent / (exporter or "export")
-    result = export(qmodel, inputs, folder, exporter, **dict(_parse_option(o) for o in options))
+    result = export(qmodel, inputs, folder, exporter,
+                    **dict(parse_key_value(o, "exporter options") for o in options))
     if as_json:
         click.echo(json.dumps(result.manifest, indent=2, sort_keys=True))
         return

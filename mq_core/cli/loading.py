@@ -6,6 +6,7 @@ Every failure is an ``MQError`` that says what was wrong with the reference and 
 from __future__ import annotations
 
 import importlib
+import json
 import os
 import sys
 from collections.abc import Callable
@@ -19,6 +20,18 @@ from torch import nn
 from mq_core.errors import ConfigError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
+
+
+def parse_key_value(text: str, what: str) -> tuple[str, Any]:
+    """``key=value`` from the command line; the value is read as JSON when it parses (numbers, booleans, lists)
+    and kept as a string otherwise, so ``iterations=500`` is an int and ``name=net`` a string."""
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"{what} look like key=value, got {text!r}.")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value
 
 
 def load_object(ref: str, what: str) -> Any:

@@ -17,7 +17,7 @@ import click
 import torch
 from torch import nn
 
-from mq_core.cli.loading import build_model, calibration_batches, load_object
+from mq_core.cli.loading import build_model, calibration_batches, load_object, parse_key_value
 from mq_core.cli.table import render_table
 from mq_core.errors import ConfigError
 from mq_core.plugins.lookup import list_backends
@@ -143,6 +143,8 @@ def _summary_json(summary: QuantizeSummary) -> dict[str, Any]:
               help="Target backend name, or 'all' for every installed backend.")
 @click.option("--qconfig", help="Qconfig preset (e.g. w8a8, w4a4, reduce-range; see docs).")
 @click.option("--method", help="PTQ method after calibration (adaround, brecq, qdrop; needs mq-algos).")
+@click.option("--method-option", "method_option", multiple=True,
+              help="PTQ method option key=value, e.g. iterations=500 (repeatable; see docs/algorithms.md).")
 @click.option("--out", default="mq-out", show_default=True, type=click.Path(file_okay=False),
               help="Output folder (one sub-folder per backend).")
 @click.option("--batch-size", default=32, show_default=True, help="Batch size for tensor/image calibration data.")
@@ -176,9 +178,14 @@ def quantize_command(ctx: click.Context, **params: Any) -> None:
     if p["num_batches"]:
         calib = calib[: p["num_batches"]]
     backends = list_backends() if p["backend"] == "all" else [p["backend"]]
+    method_options = dict(p.get("method_options") or {})
+    method_options.update(parse_key_value(o, "--method-option values") for o in p["method_option"])
+    if method_options and not p["method"]:
+        raise ConfigError(f"PTQ method options {sorted(method_options)} were given without --method; name the "
+                          "method they are for (adaround, brecq or qdrop).")
     summary = quantize_for_backends(
         model, backends, calib, p["out"], eval_fn=eval_fn, keep_going=p["backend"] == "all",
-        qconfig=p["qconfig"], method=p["method"], method_options=p.get("method_options") or None,
+        qconfig=p["qconfig"], method=p["method"], method_options=method_options or None,
         verify_inputs=verify_inputs, model_ref=model_ref, progress=progress,
         prepare_options={"modules": list(p["module"]) or None, "skip": list(p["skip"]),
                          "leaf_modules": list(p["leaf_module"])},

@@ -123,6 +123,28 @@ def test_config_file_keys_and_flags_win(workdir: Path) -> None:
     assert_clean_error(invoke("quantize", "--config", "bad.toml"), "unknown key(s) ['colour']")
 
 
+def test_ptq_method_with_options_from_flags_and_config(workdir: Path) -> None:
+    common = ("quantize", "--model", "usermodel:build", "--calib", "calib.pt", "--qconfig", "w4a8", "--quiet")
+    result = invoke(*common, "--method", "adaround", "--method-option", "iterations=20",
+                    "--method-option", "batch_size=8", "--out", "ada", "--json")
+    assert result.exit_code == 0, result.output
+    (backend,) = json.loads(result.output)["backends"]
+    assert backend["method"] == "adaround" and backend["passed"]
+    # Values reach the method's config typed: a negative number is refused by the config, an unknown key by name.
+    assert_clean_error(invoke(*common, "--method", "adaround", "--method-option", "lr=-1"), "must be positive")
+    assert_clean_error(invoke(*common, "--method", "brecq", "--method-option", "colour=red"),
+                       "has no option(s) ['colour']")
+    assert_clean_error(invoke(*common, "--method-option", "iterations=20"), "without --method")
+    (workdir / "m.toml").write_text(textwrap.dedent("""
+        method = "qdrop"
+        [method_options]
+        iterations = 20
+        drop_prob = 7
+    """))
+    assert_clean_error(invoke(*common, "--config", "m.toml"), "drop_prob is a probability")
+    assert invoke(*common, "--config", "m.toml", "--method-option", "drop_prob=0.5", "--out", "qd").exit_code == 0
+
+
 def test_bad_model_reference(workdir: Path) -> None:
     assert_clean_error(invoke("quantize", "--model", "nosuchpackage.models:build", "--calib", "calib.pt"),
                        "cannot import module 'nosuchpackage.models'")
