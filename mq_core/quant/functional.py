@@ -14,7 +14,9 @@ from __future__ import annotations
 import torch
 
 
-def _broadcast(param: torch.Tensor, x: torch.Tensor, axis: int | None) -> torch.Tensor:
+def along_axis(param: torch.Tensor, x: torch.Tensor, axis: int | None) -> torch.Tensor:
+    """``param`` (a scalar, or one value per channel) shaped to broadcast against ``x`` along ``axis``; shared by
+    every quantizer so that per-channel qparams line up with the same axis everywhere."""
     if axis is None or param.dim() == 0:
         return param
     shape = [1] * x.dim()
@@ -26,22 +28,22 @@ def quantize(
     x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int, axis: int | None = None
 ) -> torch.Tensor:
     """Integer codes (as float) of ``x``: ``clamp(round(x / s) + z, qmin, qmax)``."""
-    s = _broadcast(scale, x, axis)
-    z = _broadcast(zero_point, x, axis).to(x.dtype)
+    s = along_axis(scale, x, axis)
+    z = along_axis(zero_point, x, axis).to(x.dtype)
     return torch.clamp(torch.round(x / s) + z, qmin, qmax)
 
 
 def dequantize(q: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, axis: int | None = None) -> torch.Tensor:
-    s = _broadcast(scale, q, axis)
-    z = _broadcast(zero_point, q, axis).to(s.dtype)
+    s = along_axis(scale, q, axis)
+    z = along_axis(zero_point, q, axis).to(s.dtype)
     return (q.to(s.dtype) - z) * s
 
 
 class _ExactFakeQuantize(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, scale, zero_point, qmin, qmax, axis):  # type: ignore[override]
-        s = _broadcast(scale, x, axis)
-        z = _broadcast(zero_point, x, axis).to(x.dtype)
+        s = along_axis(scale, x, axis)
+        z = along_axis(zero_point, x, axis).to(x.dtype)
         q = torch.round(x / s) + z
         ctx.save_for_backward((q >= qmin) & (q <= qmax))
         return (torch.clamp(q, qmin, qmax) - z) * s

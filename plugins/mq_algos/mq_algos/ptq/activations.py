@@ -19,8 +19,8 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from mq_algos.ptq.rounding import per_channel
 from mq_core.quant.fake_quant import FakeQuantizer
+from mq_core.quant.functional import along_axis
 from mq_core.quant.scheme import SCALE_EPS
 
 log = logging.getLogger(__name__)
@@ -46,8 +46,8 @@ def lsq_fake_quantize(fq: FakeQuantizer, x: torch.Tensor, scale: torch.Tensor) -
     """
     qmin, qmax, axis = fq.scheme.qmin, fq.scheme.qmax, fq.ch_axis
     per_scale = x.numel() // max(scale.numel(), 1)
-    s = per_channel(_grad_scale(scale, 1.0 / math.sqrt(per_scale * max(qmax, 1))), x, axis)
-    z = per_channel(fq.zero_point, x, axis).to(x.dtype)
+    s = along_axis(_grad_scale(scale, 1.0 / math.sqrt(per_scale * max(qmax, 1))), x, axis)
+    z = along_axis(fq.zero_point, x, axis).to(x.dtype)
     v = x / s
     q = torch.clamp((torch.round(v) - v).detach() + v + z, qmin, qmax)
     return (q - z) * s

@@ -17,7 +17,7 @@ from torch import nn
 from mq_core.errors import CalibrationError
 from mq_core.nn.bn_fold import bn_scale_factor, channel_view
 from mq_core.nn.qat import QATBnModule, QATModule
-from mq_core.quant.functional import quantize
+from mq_core.quant.functional import along_axis, quantize
 
 log = logging.getLogger(__name__)
 
@@ -25,15 +25,6 @@ log = logging.getLogger(__name__)
 ZETA, GAMMA = 1.1, -0.1
 #: nextafter steps tried per weight when float error makes a baked weight round to a neighbouring code.
 _MAX_NUDGES = 16
-
-
-def per_channel(values: torch.Tensor, like: torch.Tensor, axis: int | None) -> torch.Tensor:
-    """``values`` (a scalar or one per channel along ``axis``) shaped to broadcast against ``like``."""
-    if axis is None or values.dim() == 0:
-        return values
-    shape = [1] * like.dim()
-    shape[axis] = -1
-    return values.reshape(shape)
 
 
 def _bn_factor(layer: QATModule) -> torch.Tensor | None:
@@ -58,8 +49,8 @@ class AdaRoundWeight(nn.Module):
         weight = layer.deploy_weight_and_bias()[0].detach()
         axis = fq.ch_axis
         self.qmin, self.qmax = fq.scheme.qmin, fq.scheme.qmax
-        self.register_buffer("scale", per_channel(fq.scale, weight, axis).to(weight.dtype))
-        self.register_buffer("zero_point", per_channel(fq.zero_point, weight, axis).to(weight.dtype))
+        self.register_buffer("scale", along_axis(fq.scale, weight, axis).to(weight.dtype))
+        self.register_buffer("zero_point", along_axis(fq.zero_point, weight, axis).to(weight.dtype))
         scaled = weight / self.scale
         self.register_buffer("base", torch.floor(scaled))
         frac = (scaled - self.base).clamp(0.0, 1.0)
@@ -125,8 +116,8 @@ def bake(layer: QATModule, codes: torch.Tensor) -> None:
     fq = layer.weight_fake_quant
     axis = fq.ch_axis
     weight = layer.weight
-    scale = per_channel(fq.scale, weight, axis).to(weight.dtype)
-    zero_point = per_channel(fq.zero_point, weight, axis).to(weight.dtype)
+    scale = along_axis(fq.scale, weight, axis).to(weight.dtype)
+    zero_point = along_axis(fq.zero_point, weight, axis).to(weight.dtype)
     target = (codes - zero_point) * scale
     factor = _bn_factor(layer)
     new = target if factor is None else torch.where(factor == 0, weight, target / factor)

@@ -32,8 +32,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from mq_algos.quantizers.base import LearnableFakeQuantizer, channel_view, positive
+from mq_algos.quantizers.base import LearnableFakeQuantizer, positive
 from mq_core.errors import ExportError
+from mq_core.quant.functional import along_axis
 from mq_core.quant.observers.base import Observer, channels_first
 from mq_core.quant.scheme import SCALE_EPS, QuantScheme
 
@@ -94,14 +95,14 @@ class APoTFakeQuantizer(LearnableFakeQuantizer):
         if self.ch_axis is None:
             return (x - x.mean()) / (x.std(correction=0) + NORM_EPS)
         rows = channels_first(x, self.ch_axis)
-        mean = channel_view(rows.mean(dim=1), x, self.ch_axis)
-        std = channel_view(rows.std(dim=1, correction=0), x, self.ch_axis)
+        mean = along_axis(rows.mean(dim=1), x, self.ch_axis)
+        std = along_axis(rows.std(dim=1, correction=0), x, self.ch_axis)
         return (x - mean) / (std + NORM_EPS)
 
     def surrogate(self, x: torch.Tensor) -> torch.Tensor:
         if self.weight_norm:
             x = self._normalize(x)
-        alpha = channel_view(positive(self.alpha, SCALE_EPS), x, self.ch_axis)
+        alpha = along_axis(positive(self.alpha, SCALE_EPS), x, self.ch_axis)
         v = torch.clamp(x / alpha, -1.0 if self.scheme.signed else 0.0, 1.0)
         return ProjectSTE.apply(v, self.levels) * alpha
 

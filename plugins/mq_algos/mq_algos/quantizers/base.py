@@ -55,15 +55,6 @@ def positive(t: torch.Tensor, floor: float = SCALE_EPS) -> torch.Tensor:
     return ClampMinSTE.apply(t, floor)
 
 
-def channel_view(param: torch.Tensor, x: torch.Tensor, axis: int | None) -> torch.Tensor:
-    """``param`` (a scalar, or one value per channel) shaped to broadcast against ``x`` along ``axis``."""
-    if axis is None or param.dim() == 0:
-        return param
-    shape = [1] * x.dim()
-    shape[axis] = -1
-    return param.reshape(shape)
-
-
 def reduce_to(grad: torch.Tensor, param: torch.Tensor, axis: int | None) -> torch.Tensor:
     """Sum an elementwise gradient down to ``param``'s shape (all elements, or all but the channel axis)."""
     if axis is None or param.dim() == 0:

@@ -32,8 +32,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from mq_algos.quantizers.base import LearnableFakeQuantizer, RoundSTE, channel_view, positive
+from mq_algos.quantizers.base import LearnableFakeQuantizer, RoundSTE, positive
 from mq_core.errors import ConfigError
+from mq_core.quant.functional import along_axis
 from mq_core.quant.observers.base import Observer
 from mq_core.quant.scheme import SCALE_EPS, QuantScheme
 
@@ -87,7 +88,7 @@ class DSQFakeQuantizer(LearnableFakeQuantizer):
         return lower, upper, positive(upper - lower, SCALE_EPS * n) / n
 
     def surrogate(self, x: torch.Tensor) -> torch.Tensor:
-        lower, upper, delta = (channel_view(t, x, self.ch_axis) for t in self.bounds())
+        lower, upper, delta = (along_axis(t, x, self.ch_axis) for t in self.bounds())
         clipped = torch.where(x < lower, lower, torch.where(x > upper, upper, x))
         t = (clipped - lower) / delta
         alpha = torch.clamp(self.alpha, *ALPHA_RANGE)

@@ -31,7 +31,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from mq_algos.quantizers.base import LearnableFakeQuantizer, channel_view, elements_per_scale, positive, reduce_to
+from mq_algos.quantizers.base import LearnableFakeQuantizer, elements_per_scale, positive, reduce_to
+from mq_core.quant.functional import along_axis
 from mq_core.quant.observers.base import Observer, channels_first
 from mq_core.quant.observers.minmax import MinMaxObserver
 from mq_core.quant.scheme import SCALE_EPS, QuantScheme
@@ -43,8 +44,8 @@ class LSQFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int,
                 axis: int | None, g: float) -> torch.Tensor:  # type: ignore[override]
-        s = channel_view(scale, x, axis)
-        z = channel_view(zero_point, x, axis).to(x.dtype)
+        s = along_axis(scale, x, axis)
+        z = along_axis(zero_point, x, axis).to(x.dtype)
         v = x / s
         r = torch.round(v)
         # The same operations, in the same order, as mq_core.quant.functional.fake_quantize (the deploy view).

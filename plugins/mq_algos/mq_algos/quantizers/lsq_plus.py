@@ -31,7 +31,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from mq_algos.quantizers.base import LearnableFakeQuantizer, channel_view, elements_per_scale, positive, reduce_to
+from mq_algos.quantizers.base import LearnableFakeQuantizer, elements_per_scale, positive, reduce_to
+from mq_core.quant.functional import along_axis
 from mq_core.quant.observers.base import Observer
 from mq_core.quant.observers.clip_std import ClipStdObserver
 from mq_core.quant.scheme import SCALE_EPS, QuantScheme
@@ -43,8 +44,8 @@ class LSQPlusFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, qmin: int, qmax: int,
                 axis: int | None, g: float) -> torch.Tensor:  # type: ignore[override]
-        s = channel_view(scale, x, axis)
-        beta = channel_view(offset, x, axis)
+        s = along_axis(scale, x, axis)
+        beta = along_axis(offset, x, axis)
         v = (x - beta) / s
         r = torch.round(v)
         ctx.save_for_backward(scale, offset, v, r)

@@ -33,8 +33,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from mq_algos.quantizers.base import LearnableFakeQuantizer, channel_view, positive, reduce_to
+from mq_algos.quantizers.base import LearnableFakeQuantizer, positive, reduce_to
 from mq_core.errors import ConfigError
+from mq_core.quant.functional import along_axis
 from mq_core.quant.observers.base import Observer
 from mq_core.quant.scheme import SCALE_EPS, QuantScheme
 
@@ -47,7 +48,7 @@ class PACTFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, alpha: torch.Tensor, qmin: int, qmax: int,
                 axis: int | None) -> torch.Tensor:  # type: ignore[override]
-        a = channel_view(alpha, x, axis)
+        a = along_axis(alpha, x, axis)
         s = a / qmax
         ctx.save_for_backward(x, alpha)
         ctx.qmin, ctx.qmax, ctx.axis = qmin, qmax, axis
@@ -56,7 +57,7 @@ class PACTFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
         x, alpha = ctx.saved_tensors
-        a = channel_view(alpha, x, ctx.axis)
+        a = along_axis(alpha, x, ctx.axis)
         ratio = ctx.qmin / ctx.qmax
         above, below = x >= a, x < a * ratio
         grad_x = grad * ~(above | below) if ctx.needs_input_grad[0] else None
