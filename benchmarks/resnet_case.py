@@ -1,0 +1,126 @@
+"""What the runtime benchmarks share: the ResNet-18-shaped case, its float ONNX, timing, accuracy and the machine line.
+
+Both runtime benchmarks (`ort_speed.py`, `openvino_speed.py`) measure the same model on the same inputs, so their
+numbers can be read side by side; this module holds that case once.
+"""
+
+from __future__ import annotations
+
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+
+import mq_core as mq
+from mq_core.cli.table import render_table
+from mq_core.export.canonical import _quiet_exporter
+from mq_core.runtimes.cpu import int8_may_saturate
+from mq_core.testing.zoo import ResNet18, randomize_bn
+
+#: The two mq configurations benchmarked: the backend's default and 7-bit weights (exact on CPUs without VNNI).
+MQ_QCONFIGS: tuple[tuple[str, str | None], ...] = (("w8a8", None), ("reduce-range, w7a8", "reduce-range"))
+
+
+@dataclass
+class ResNetCase:
+    """A ResNet-18-shaped float model (random weights, randomised BN), calibration images and held-out inputs."""
+
+    model: torch.nn.Module
+    calib: list[torch.Tensor]
+    held_out: list[torch.Tensor]
+    reference: list[np.ndarray]
+
+    @classmethod
+    def build(cls, batch: int) -> ResNetCase:
+        torch.manual_seed(0)
+        model = ResNet18().eval()
+        randomize_bn(model)
+        gen = torch.Generator().manual_seed(1)
+        calib = [torch.randn(8, 3, 224, 224, generator=gen) for _ in range(4)]
+        held_out = [torch.randn(batch, 3, 224, 224, generator=gen) for _ in range(4)]
+        with torch.no_grad():
+            reference = [model(x).numpy() for x in held_out]
+        return cls(model, calib, held_out, reference)
+
+    def float_onnx(self, path: Path) -> Path:
+        """The float model as ONNX (dynamo exporter, dynamic batch, input named ``x``)."""
+        with _quiet_exporter():
+            program = torch.onnx.export(self.model, (self.held_out[0],), dynamo=True, input_names=["x"],
+                                        optimize=True, dynamic_shapes=({0: torch.export.Dim("batch")},),
+                                        verbose=False)
+        onnx.save(program.model_proto, path)
+        return path
+
+    def mq_export(self, backend: str, qconfig: str | None, out: Path) -> mq.ExportResult:
+        """Prepare, calibrate on the shared calibration images and export with ``backend``'s default exporter."""
+        example = self.held_out[0][:2]
+        qmodel = mq.prepare(self.model, backend, example, qconfig=qconfig)
+        mq.calibrate(qmodel, self.calib, progress=False)
+        return mq.export(qmodel, example, out)
+
+    def measure(self, runners: dict[str, Callable[[np.ndarray], np.ndarray]], runs: int) -> list[list[str]]:
+        """One table row per runner: latency (interleaved, see ``latency_ms``), speed-up over the first runner
+        (the float model), top-1 agreement and SQNR."""
+        latencies = latency_ms(runners, self.held_out[0].numpy(), runs)
+        base = latencies[next(iter(runners))]
+        rows = []
+        for label, run in runners.items():
+            top1, sqnr = self.accuracy(run)
+            ms = latencies[label]
+            rows.append([label, f"{ms:.1f}", f"{base / ms:.2f}x", f"{top1:.1f}%", f"{sqnr:.1f}"])
+        return rows
+
+    def accuracy(self, run: Callable[[np.ndarray], np.ndarray]) -> tuple[float, float]:
+        """Top-1 agreement with the float predictions (%) and SQNR of the logits (dB) over the held-out inputs."""
+        agree, signal, noise = 0, 0.0, 0.0
+        for x, ref in zip(self.held_out, self.reference):
+            out = run(x.numpy())
+            agree += int((out.argmax(1) == ref.argmax(1)).sum())
+            signal += float((ref.astype(np.float64) ** 2).sum())
+            noise += float(((out - ref).astype(np.float64) ** 2).sum())
+        total = sum(len(x) for x in self.held_out)
+        return 100.0 * agree / total, 10 * np.log10(signal / max(noise, 1e-30))
+
+
+def latency_ms(runners: dict[str, Callable[[np.ndarray], object]], x: np.ndarray, runs: int) -> dict[str, float]:
+    """Median wall time (ms) of each runner on ``x``, after 3 warm-up calls each.
+
+    The calls are interleaved (one call of every runner per round) so that a shared machine's load drifting over
+    the run slows every row alike; the ratios between rows stay meaningful even when absolute times do not.
+    """
+    for run in runners.values():
+        for _ in range(3):
+            run(x)
+    times: dict[str, list[float]] = {label: [] for label in runners}
+    for _ in range(runs):
+        for label, run in runners.items():
+            start = time.perf_counter()
+            run(x)
+            times[label].append(1000 * (time.perf_counter() - start))
+    return {label: statistics.median(t) for label, t in times.items()}
+
+
+def write_report(title: str, header: str, rows: list[list[str]], out: Path) -> None:
+    """Print the table and write it (with its header: setup, machine, versions) to ``out`` as Markdown."""
+    table = render_table(["model", "latency ms", "speed-up vs fp32", "top-1 agreement", "SQNR dB"], rows)
+    text = (f"{header}\n{machine_line()}\nAccuracy vs the torch float model on the held-out inputs: SQNR of the "
+            "logits (the meaningful number for random weights) and top-1 agreement with the float predictions.\n"
+            f"\n{table}\n")
+    print(text)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(f"# {title}\n\n```text\n{text}```\n")
+
+
+def machine_line() -> str:
+    """CPU model, architecture, whether int8 kernels are exact here, and the Python/torch/mq versions."""
+    cpuinfo = Path("/proc/cpuinfo")
+    cpu = next((line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
+                if line.startswith("model name")), platform.processor()) if cpuinfo.exists() else platform.processor()
+    return (f"Machine: {cpu}, {platform.machine()}, VNNI: {'no' if int8_may_saturate() else 'yes/unknown'}; "
+            f"Python {platform.python_version()}, torch {torch.__version__}, mq-core {mq.__version__}.")
