@@ -23,8 +23,9 @@ $(STAMP): pyproject.toml plugins/*/pyproject.toml
 demo: setup
 	$(BIN)/mq quantize --out $(DEMO_OUT)
 
+# One pytest worker per core (pytest-xdist), each with one torch thread so workers do not fight over the cores.
 test: setup
-	@$(BIN)/python -m pytest; rc=$$?; \
+	@OMP_NUM_THREADS=1 $(BIN)/python -m pytest -n auto --dist worksteal; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing on purpose" >&2; exit 1; fi; exit $$rc
 
 lint: setup

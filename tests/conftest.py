@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import shutil
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -20,9 +21,18 @@ pytest_plugins = ["mq_core.testing.pytest_plugin"]
 
 @pytest.fixture(scope="session")
 def fixture_site(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A site directory holding the fixture plugin distributions, installed for real by pip (dist-info and all)."""
+    """A site directory holding the fixture plugin distributions, installed for real by pip (dist-info and all).
+
+    pip builds setuptools projects in their source folder, so each session (each xdist worker) builds private
+    copies: two workers building the same folder at once would race on its build/ and egg-info.
+    """
     target = tmp_path_factory.mktemp("fixture-site")
-    dists = sorted(str(p) for p in FIXTURE_DISTS.iterdir() if (p / "pyproject.toml").exists())
+    sources = tmp_path_factory.mktemp("fixture-sources")
+    dists = []
+    for project in sorted(p for p in FIXTURE_DISTS.iterdir() if (p / "pyproject.toml").exists()):
+        shutil.copytree(project, sources / project.name,
+                        ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__"))
+        dists.append(str(sources / project.name))
     subprocess.run(
         [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
          "--disable-pip-version-check", "--target", str(target), *dists],
