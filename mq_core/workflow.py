@@ -78,6 +78,22 @@ class BackendOutcome:
         checks = [c.exact for r in self.reports.values() for c in r.checks]
         return min(checks) if checks else float("nan")
 
+    def agreement(self) -> dict[str, tuple[float, float]]:
+        """Per runtime, over every artifact and output: the worst difference in steps and the smallest fraction of
+        exactly equal elements. Runtimes differ in kind (ONNX Runtime and TVM are bit-exact, OpenVINO on a CPU
+        without VNNI emulates in float), so one pooled number would hide which runtime a difference comes from."""
+        worst: dict[str, tuple[float, float]] = {}
+        for report in self.reports.values():
+            for c in report.checks:
+                steps, exact = worst.get(c.runtime, (0.0, 1.0))
+                worst[c.runtime] = (max(steps, c.max_steps), min(exact, c.exact))
+        return worst
+
+    @property
+    def notes(self) -> list[str]:
+        """The verification notes of every exporter's report, each once."""
+        return list(dict.fromkeys(n for r in self.reports.values() for n in r.notes))
+
 
 @dataclass
 class QuantizeSummary:

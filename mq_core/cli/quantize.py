@@ -93,11 +93,13 @@ def render_summary(summary: QuantizeSummary, title: str) -> str:
             rows.append([o.backend, "-", "-", "-", "-", "error", "-", "FAIL"])
             continue
         deployed = _fmt(o.deployed_accuracy) + (f" ({o.deployed_runtime})" if o.deployed_runtime else "")
-        agreement = f"{o.worst_steps:.3g} steps, {100 * o.exact:.1f}% exact"
+        agreement = "; ".join(f"{runtime} {steps:.3g} ({100 * exact:.0f}% exact)"
+                              for runtime, (steps, exact) in o.agreement().items())
         rows.append([o.backend, o.qconfig + (f" + {o.method}" if o.method else ""), _fmt(o.sim_accuracy), deployed,
                      agreement, str(len([a for r in o.results.values() for a in r.artifacts])),
                      f"{sum(o.timings.values()):.1f}s", "PASS" if o.passed else "FAIL"])
-    lines.append(render_table(["backend", "qconfig", "simulated acc", "deployed acc (runtime)", "sim vs runtime",
+    lines.append(render_table(["backend", "qconfig", "simulated acc", "deployed acc (runtime)",
+                               "sim vs runtime: max steps (exact)",
                                "artifacts", "time", "result"], rows))
     for o in summary.outcomes:
         if o.error:
@@ -108,6 +110,7 @@ def render_summary(summary: QuantizeSummary, title: str) -> str:
             for artifact in result.artifacts:
                 lines.append(f"  {result.exporter:<16} {artifact.kind:<22} {artifact.path}")
         lines.append("  timings: " + ", ".join(f"{k} {v:.1f}s" for k, v in o.timings.items()))
+        lines.extend(f"  note: {note}" for note in o.notes)
         for exporter, report in o.reports.items():
             if not report.passed:
                 lines.append(f"  verification of {exporter} FAILED:\n" + report.table())

@@ -105,6 +105,19 @@ def test_quantize_user_model_json_summary(workdir: Path) -> None:
         assert report["passed"] and report["checks"]
 
 
+def test_text_summary_reports_agreement_per_runtime(workdir: Path) -> None:
+    result = invoke("quantize", "--model", "usermodel:build", "--calib", "calib.pt", "--eval", "usermodel:eval_fn",
+                    "--out", "out", "--quiet")
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert "sim vs runtime: max steps (exact)" in lines[2]
+    row = next(line for line in lines if line.startswith("qdq "))
+    # ONNX Runtime and TVM compute exactly what the simulation computes.
+    assert "onnxruntime 0 (100% exact)" in row and "tvm 0 (100% exact)" in row and row.rstrip().endswith("PASS")
+    assert any(line.split()[1:] == ["onnx-qdq", "out/qdq/qdq/model.onnx"] for line in lines if line.startswith("  qdq"))
+    assert lines[-1].startswith("PASS")
+
+
 def test_config_file_keys_and_flags_win(workdir: Path) -> None:
     (workdir / "q.toml").write_text(textwrap.dedent("""
         [quantize]
