@@ -31,7 +31,7 @@ def calibrated(draw: st.DrawFn) -> tuple[QuantScheme, torch.Tensor, torch.Tensor
     bounds = [sorted(draw(st.tuples(finite, finite))) for _ in range(channels)]
     scale, zero_point = scheme.qparams(torch.tensor([b[0] for b in bounds]), torch.tensor([b[1] for b in bounds]))
     lo, hi = scheme.range_of(scale, zero_point)
-    fractions = torch.tensor(draw(st.lists(st.floats(0, 1), min_size=1, max_size=16)) + [0.0, 1.0])
+    fractions = torch.tensor([*draw(st.lists(st.floats(0, 1), min_size=1, max_size=16)), 0.0, 1.0])
     x = lo[:, None] + fractions[None, :] * (hi - lo)[:, None]
     x = torch.minimum(torch.maximum(x, lo[:, None]), hi[:, None])  # float rounding must not leave the range
     return scheme, scale, zero_point, x
