@@ -52,6 +52,7 @@ from mq_core.quant.observers.base import Observer
 from mq_core.quant.qconfig import QConfig, QConfigPreset, QuantizerSpec
 from mq_core.quant.scheme import QuantScheme
 from mq_core.runtimes.base import Runtime
+from mq_core.summary import summary
 from mq_core.verify import VerificationReport, verify
 
 __all__ = [
@@ -113,6 +114,7 @@ __all__ = [
     "quantizers",
     "restore",
     "save_checkpoint",
+    "summary",
     "unfreeze_bn",
     "verify",
 ]

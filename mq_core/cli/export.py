@@ -17,6 +17,7 @@ from mq_core.cli.table import render_table
 from mq_core.errors import ConfigError
 from mq_core.export import ExportResult, export
 from mq_core.plugins.manager import get_manager
+from mq_core.summary import summary
 from mq_core.verify import verify
 
 
@@ -85,6 +86,15 @@ def verify_command(export_dir: str, checkpoint: str, model_ref: str | None, inpu
         click.echo(f"{'PASS' if report.passed else 'FAIL'}: worst {report.worst_steps:.3g} steps")
     if not report.passed:
         raise SystemExit(1)
+
+
+@click.command("inspect")
+@click.argument("checkpoint", type=click.Path(exists=True, dir_okay=False))
+@click.option("--model", "model_ref", help="Float model factory 'pkg.module:factory' (default: recorded one).")
+def inspect_command(checkpoint: str, model_ref: str | None) -> None:
+    """Show a saved prepared model's quantizers: what each quantizes and why, grid, observer, qparams."""
+    qmodel, _ = restore_checkpoint(checkpoint, model_ref)
+    click.echo(summary(qmodel))
 
 
 @click.command("exporters")

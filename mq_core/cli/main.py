@@ -14,7 +14,7 @@ from typing import Any
 import click
 
 from mq_core import __version__
-from mq_core.cli.export import export_command, exporters_command, verify_command
+from mq_core.cli.export import export_command, exporters_command, inspect_command, verify_command
 from mq_core.cli.quantize import quantize_command
 from mq_core.cli.table import render_table
 from mq_core.errors import MQError
@@ -118,6 +118,7 @@ def backends(as_json: bool) -> None:
 
 cli.add_command(export_command)
 cli.add_command(verify_command)
+cli.add_command(inspect_command)
 cli.add_command(exporters_command)
 cli.add_command(quantize_command)
 

@@ -195,6 +195,10 @@ def test_export_and_verify_from_checkpoint(workdir: Path) -> None:
     assert invoke("quantize", "--model", "usermodel:build", "--calib", "calib.pt", "--backend", "tensorrt",
                   "--out", "out", "--quiet").exit_code == 0
     checkpoint = workdir / "out" / "tensorrt" / "qmodel.pt"
+    inspected = invoke("inspect", str(checkpoint))
+    assert inspected.exit_code == 0, inspected.output
+    assert inspected.output.startswith("prepared for 'tensorrt' with qconfig 'tensorrt-default' (ptq)")
+    assert "weight of" in inspected.output and "int8 sym per-channel(0) narrow" in inspected.output
     exported = invoke("export", str(checkpoint), "--exporter", "tensorrt-legacy", "-o", "trt_version=8.6.1",
                       "--out", "legacy")
     assert exported.exit_code == 0, exported.output
