@@ -134,6 +134,48 @@ def test_eval_equals_deploy_bit_exact(float_type: type[nn.Module]) -> None:
 
 
 @pytest.mark.parametrize("float_type", BN_KEYS, ids=lambda t: t.__name__)
+def test_training_matches_rescaling_the_output_as_torch_does(float_type: type[nn.Module]) -> None:
+    """mq undoes gamma / sigma on the quantized weight; Jacob et al. (and torch's ConvBn) undo it on the layer output.
+    Both are the same function of the input and of every parameter, gradients included (compared in float64, where
+    the different order of the float operations cannot hide a real difference)."""
+    mod, shape = build(float_type)
+    qat = to_qat(mod).double().train()
+    x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+    qat(x)  # calibrates the weight quantizer
+    qat.weight_fake_quant.enable_observation(False)
+    reference = copy.deepcopy(qat)
+    y = qat(x)
+
+    ref_bn = reference.bn
+    factor = ref_bn.weight / torch.sqrt(ref_bn.running_var + ref_bn.eps)
+    weight = reference.weight_fake_quant(qat_channel_scaled(reference, factor))
+    out = reference._op(x, weight, None)
+    view = (1, -1, *([1] * (out.dim() - 2)))
+    out = out / factor.reshape(view)
+    if reference.bias is not None:
+        out = out + reference.bias.reshape(view)
+    y_ref = reference._activate(ref_bn(out))
+    torch.testing.assert_close(y, y_ref, atol=1e-10, rtol=1e-10)
+    torch.testing.assert_close(qat.bn.running_mean, ref_bn.running_mean, atol=1e-12, rtol=1e-10)
+
+    grads = torch.autograd.grad(y.square().sum(), [x, qat.weight, qat.bn.weight, qat.bn.bias])
+    grads_ref = torch.autograd.grad(y_ref.square().sum(), [x, reference.weight, ref_bn.weight, ref_bn.bias])
+    for got, want in zip(grads, grads_ref):
+        torch.testing.assert_close(got, want, atol=1e-9, rtol=1e-9)
+
+
+def qat_channel_scaled(qat: QATBnModule, factor: torch.Tensor) -> torch.Tensor:
+    """``w * factor`` per output channel, written out for each weight layout (ConvTranspose: [in, out/groups, k])."""
+    weight = qat.weight
+    if isinstance(qat, nn.ConvTranspose1d | nn.ConvTranspose2d):
+        groups, per_group = qat.groups, weight.shape[1]
+        scaled = weight.reshape(groups, -1, per_group, *weight.shape[2:])
+        scaled = scaled * factor.reshape(groups, 1, per_group, *([1] * (weight.dim() - 2)))
+        return scaled.reshape(weight.shape)
+    return weight * factor.reshape(-1, *([1] * (weight.dim() - 1)))
+
+
+@pytest.mark.parametrize("float_type", BN_KEYS, ids=lambda t: t.__name__)
 def test_frozen_training_equals_eval(float_type: type[nn.Module]) -> None:
     mod, shape = build(float_type)
     qat = to_qat(mod)

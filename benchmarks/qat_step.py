@@ -1,0 +1,135 @@
+"""QAT training-step time and prepare() scaling: mq vs float vs torch.ao's FX QAT (the peer being measured).
+
+1. One SGD training step (forward, cross-entropy, backward, update) of a ResNet-18-shaped model at 224x224,
+   batch 16, on the CPU: the float model; mq QAT with fixed fake quantizers (``qdq`` backend, BN fold simulated),
+   with the fast rounding path (torch's fake-quant kernels, what QAT uses for speed) and the exact path; and
+   torch.ao's ``prepare_qat_fx`` with its x86 default QAT qconfig. The timed steps of all variants are interleaved
+   so load drift on a shared machine affects them alike; the table gives median times and ratios to float.
+2. ``mq.prepare`` time on stacks of N, 2N, 4N and 8N residual blocks: linear scaling shows as a constant time per
+   block (a 4x deeper model takes about 4x as long), quadratic as a time per block that grows with depth.
+
+Only this benchmark imports torch.ao, as the peer tool measured; the library itself never does.
+Run: `python benchmarks/qat_step.py [--steps 10] [--out benchmarks/results/qat_step.md]`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from resnet_case import machine_line
+from torch import nn
+
+import mq_core as mq
+from mq_core.cli.table import render_table
+from mq_core.testing.zoo import BasicBlock, ResNet18
+
+
+def train_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Callable[[], None]:
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+    loss_fn = nn.CrossEntropyLoss()
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        loss_fn(model(x), y).backward()
+        optimizer.step()
+
+    return step
+
+
+def torch_ao_qat(model: nn.Module, x: torch.Tensor) -> nn.Module:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.ao's deprecation warnings: it is the peer being measured
+        from torch.ao.quantization import get_default_qat_qconfig_mapping
+        from torch.ao.quantization.quantize_fx import prepare_qat_fx
+
+        return prepare_qat_fx(model.train(), get_default_qat_qconfig_mapping("x86"), (x,))
+
+
+def step_times(steps: dict[str, Callable[[], None]], runs: int) -> dict[str, float]:
+    for step in steps.values():
+        for _ in range(2):
+            step()
+    times: dict[str, list[float]] = {label: [] for label in steps}
+    for _ in range(runs):
+        for label, step in steps.items():
+            start = time.perf_counter()
+            step()
+            times[label].append(1000 * (time.perf_counter() - start))
+    return {label: statistics.median(t) for label, t in times.items()}
+
+
+class Stack(nn.Module):
+    """A stem and ``depth`` residual blocks: the model whose depth is scaled for prepare()."""
+
+    def __init__(self, depth: int, width: int = 16) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, width, 3, padding=1)
+        self.blocks = nn.Sequential(*[BasicBlock(width, width) for _ in range(depth)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.blocks(self.stem(x))
+
+
+def prepare_seconds(depth: int, repeats: int = 5) -> float:
+    x = torch.randn(1, 3, 16, 16)
+    times = []
+    for _ in range(repeats):
+        model = Stack(depth).eval()
+        start = time.perf_counter()
+        mq.prepare(model, "qdq", x)
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=10, help="timed training steps per variant")
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--depth", type=int, default=16, help="blocks of the shallow prepare() model")
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "qat_step.md")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    torch.manual_seed(0)
+    base = ResNet18().train()
+    x = torch.randn(args.batch, 3, 224, 224)
+    y = torch.randint(0, 1000, (args.batch,))
+    models = {"float": copy.deepcopy(base)}
+    for label, exact in (("mq QAT (fixed, fast rounding)", False), ("mq QAT (fixed, exact rounding)", True)):
+        qmodel = mq.prepare(copy.deepcopy(base), "qdq", x[:2], mode="qat", exact=exact)
+        mq.calibrate(qmodel, [x[:4]], progress=False)
+        models[label] = qmodel.train()
+    ao = torch_ao_qat(copy.deepcopy(base), x[:2])
+    ao(x[:4])  # observers see data once, as mq's calibration did
+    models["torch.ao prepare_qat_fx (x86)"] = ao
+    times = step_times({label: train_step(m, x, y) for label, m in models.items()}, args.steps)
+    rows = [[label, f"{ms:.0f}", f"{ms / times['float']:.2f}x"] for label, ms in times.items()]
+    step_table = render_table(["training step", "ms (median)", "vs float"], rows)
+
+    depths = [args.depth * k for k in (1, 2, 4, 8)]
+    seconds = {d: prepare_seconds(d) for d in depths}
+    prepare_table = render_table(
+        ["residual blocks", "mq.prepare seconds", "ms per block", "vs 4x shallower"],
+        [[str(d), f"{seconds[d]:.3f}", f"{1000 * seconds[d] / d:.2f}",
+          f"{seconds[d] / seconds[d // 4]:.2f}x" if d // 4 in seconds else "-"] for d in depths],
+    )
+    text = (f"ResNet-18 shape, 224x224, batch {args.batch}, SGD step (forward, loss, backward, update), "
+            f"{args.threads} torch threads, median of {args.steps} interleaved steps; torch.ao is the peer measured.\n"
+            f"{machine_line()}\n\n{step_table}\n\nmq.prepare (qdq backend, trace + fold + placement) on a stack of "
+            "residual blocks (16x16 input), best of 5; linear scaling means a constant time per block:\n\n"
+            f"{prepare_table}\n")
+    print(text)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(f"# QAT step time and prepare() scaling\n\n```text\n{text}```\n")
+
+
+if __name__ == "__main__":
+    main()
