@@ -12,14 +12,19 @@ from torch import nn
 
 from mq_core.calibration import quantizers
 from mq_core.cli.table import render_table
+from mq_core.errors import ExportError
 from mq_core.prepare import prepare_info
 from mq_core.quant.fake_quant import FakeQuantizer
 
 
 def _qparams(fq: FakeQuantizer) -> str:
+    """The deploy qparams: learnable quantizers (LSQ, PACT, ...) keep theirs as parameters of their own."""
     if not fq.is_calibrated:
         return "uncalibrated"
-    s, z = fq.scale, fq.zero_point
+    try:
+        s, z = fq.export_qparams()
+    except ExportError:  # e.g. DoReFa weights before bake_dorefa: no fixed grid over the stored weight yet
+        return "no fixed grid yet (see mq.export)"
     text = f"s={s.item():.4g}" if s.numel() == 1 else f"s=[{s.min():.3g}..{s.max():.3g}] x{s.numel()}"
     if not fq.scheme.symmetric:
         text += f" z={int(z.item())}" if z.numel() == 1 else f" z=[{int(z.min())}..{int(z.max())}]"

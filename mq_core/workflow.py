@@ -8,6 +8,7 @@ in quantization steps, the artifacts and the time each stage took.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -69,15 +70,6 @@ class BackendOutcome:
     def passed(self) -> bool:
         return self.error is None and bool(self.reports) and all(r.passed for r in self.reports.values())
 
-    @property
-    def worst_steps(self) -> float:
-        return max((r.worst_steps for r in self.reports.values()), default=float("nan"))
-
-    @property
-    def exact(self) -> float:
-        checks = [c.exact for r in self.reports.values() for c in r.checks]
-        return min(checks) if checks else float("nan")
-
     def agreement(self) -> dict[str, tuple[float, float]]:
         """Per runtime, over every artifact and output: the worst difference in steps and the smallest fraction of
         exactly equal elements. Runtimes differ in kind (ONNX Runtime and TVM are bit-exact, OpenVINO on a CPU
@@ -86,7 +78,9 @@ class BackendOutcome:
         for report in self.reports.values():
             for c in report.checks:
                 steps, exact = worst.get(c.runtime, (0.0, 1.0))
-                worst[c.runtime] = (max(steps, c.max_steps), min(exact, c.exact))
+                # NaN (a runtime that produced NaN) must win, not vanish in max().
+                worst[c.runtime] = (c.max_steps if math.isnan(c.max_steps) else max(steps, c.max_steps),
+                                    min(exact, c.exact))
         return worst
 
     @property

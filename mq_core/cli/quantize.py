@@ -93,7 +93,7 @@ def render_summary(summary: QuantizeSummary, title: str) -> str:
             rows.append([o.backend, "-", "-", "-", "-", "error", "-", "FAIL"])
             continue
         deployed = _fmt(o.deployed_accuracy) + (f" ({o.deployed_runtime})" if o.deployed_runtime else "")
-        agreement = "; ".join(f"{runtime} {steps:.3g} ({100 * exact:.0f}% exact)"
+        agreement = "; ".join(f"{runtime} {steps:.3g} ({100 * exact:.1f}% exact)"
                               for runtime, (steps, exact) in o.agreement().items())
         rows.append([o.backend, o.qconfig + (f" + {o.method}" if o.method else ""), _fmt(o.sim_accuracy), deployed,
                      agreement, str(len([a for r in o.results.values() for a in r.artifacts])),

@@ -9,9 +9,9 @@ The BatchNorm variants follow Jacob et al. 2018 (torch's ``ConvBn``): while trai
 statistics (updating its running statistics with its own momentum). The scale is undone on the quantized weight
 (per output channel) rather than on the layer output as torch does: the layer is linear in each output channel's
 weights, so the result is the same, but the division touches the small weight instead of the whole activation,
-which makes a ResNet-18 training step about 10% faster on a CPU. In eval mode, or once the BN is frozen,
-they run the deploy arithmetic itself (``mq_core.nn.bn_fold``), so their output equals the folded model's bit
-for bit.
+which took a ResNet-18 QAT step from 1.40x to 1.22x a float step on a CPU (``benchmarks/qat_step.py``). In eval
+mode, or once the BN is frozen, they run the deploy arithmetic itself (``mq_core.nn.bn_fold``), so their output
+equals the folded model's bit for bit.
 """
 
 from __future__ import annotations
@@ -155,7 +155,8 @@ class QATBnModule(QATModule):
         if not self.training or self.bn_frozen:
             return super()._qat_forward(x, **op_kwargs)
         factor = bn_scale_factor(self.bn)
-        weight = self.weight_fake_quant(fold_weight(self.weight, self, factor)) / channel_view(factor, self)
+        weight = self.weight_fake_quant(fold_weight(self.weight, self, factor))
+        weight = (weight / channel_view(factor, self)).to(weight.dtype)  # a float32 BN must not promote the weight
         return self._activate(self.bn(self._op(x, weight, self.bias, **op_kwargs)))
 
     def extra_repr(self) -> str:

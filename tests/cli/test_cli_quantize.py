@@ -113,7 +113,7 @@ def test_text_summary_reports_agreement_per_runtime(workdir: Path) -> None:
     assert "sim vs runtime: max steps (exact)" in lines[2]
     row = next(line for line in lines if line.startswith("qdq "))
     # ONNX Runtime and TVM compute exactly what the simulation computes.
-    assert "onnxruntime 0 (100% exact)" in row and "tvm 0 (100% exact)" in row and row.rstrip().endswith("PASS")
+    assert "onnxruntime 0 (100.0% exact)" in row and "tvm 0 (100.0% exact)" in row and row.rstrip().endswith("PASS")
     assert any(line.split()[1:] == ["onnx-qdq", "out/qdq/qdq/model.onnx"] for line in lines if line.startswith("  qdq"))
     assert lines[-1].startswith("PASS")
 

@@ -37,3 +37,19 @@ def test_summary_lists_every_quantizer_with_placement_and_state() -> None:
 def test_summary_of_an_unprepared_model_says_what_to_do() -> None:
     with pytest.raises(mq.ConfigError, match=r"call mq\.prepare"):
         mq.summary(ZOO["mlp_bn"].build())
+
+
+@pytest.mark.parametrize("preset", ["w4a4-lsq", "w4a4-lsq-plus", "w4a4-pact", "w4a4-dsq", "w4a4-dorefa-pact"])
+def test_summary_shows_the_deploy_qparams_of_learnable_quantizers(preset: str) -> None:
+    entry = ZOO["resnet"]
+    qmodel = mq.prepare(entry.build(), "qdq", entry.inputs(2), qconfig=preset, mode="qat")
+    mq.calibrate(qmodel, entry.calibration_data(), progress=False)
+    text = mq.summary(qmodel)
+    for name, fq in mq.quantizers(qmodel).items():
+        row = next(line for line in text.splitlines() if line.split()[0] == name)
+        if preset.startswith("w4a4-dorefa") and fq.role == "weight":  # exportable only after bake_dorefa
+            assert "no fixed grid yet" in row, row
+            continue
+        scale, _ = fq.export_qparams()
+        shown = f"s={scale.item():.4g}" if scale.numel() == 1 else f"s=[{scale.min():.3g}..{scale.max():.3g}]"
+        assert shown in row and "int4" in row, row

@@ -53,13 +53,17 @@ def randomize_bn(bn: nn.Module) -> nn.Module:
     return bn
 
 
-#: torch layer -> (factory, BatchNorm type, input shape). ConvTranspose2d has groups=2 (weight axis 1 is then
+#: torch layer -> (factory, BatchNorm type, input shape). The ConvTransposes have groups=2 (weight axis 1 is then
 #: out/groups wide), Conv2d a non-zeros padding mode.
 LAYERS = {
     nn.Conv1d: (lambda: nn.Conv1d(4, 6, 3, padding=1), nn.BatchNorm1d, (2, 4, 9)),
     nn.Conv2d: (lambda: nn.Conv2d(4, 6, 3, padding=1, padding_mode="reflect"), nn.BatchNorm2d, (2, 4, 8, 8)),
     nn.Conv3d: (lambda: nn.Conv3d(3, 4, 3, bias=False), nn.BatchNorm3d, (2, 3, 5, 5, 5)),
-    nn.ConvTranspose1d: (lambda: nn.ConvTranspose1d(4, 6, 3, stride=2, output_padding=1), nn.BatchNorm1d, (2, 4, 7)),
+    nn.ConvTranspose1d: (
+        lambda: nn.ConvTranspose1d(4, 6, 3, stride=2, output_padding=1, groups=2),
+        nn.BatchNorm1d,
+        (2, 4, 7),
+    ),
     nn.ConvTranspose2d: (
         lambda: nn.ConvTranspose2d(4, 6, 3, stride=2, output_padding=1, groups=2),
         nn.BatchNorm2d,
