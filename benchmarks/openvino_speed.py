@@ -5,7 +5,7 @@ compiled by OpenVINO's CPU plugin with its int8 kernels (the default low-precisi
 threads, one stream, f32 for the float parts. Accuracy is measured against the torch float model on held-out inputs.
 On CPUs without VNNI the int8 kernels can saturate with 8-bit weights (see docs/backends/openvino.md); the
 `reduce-range` row (7-bit weights) is the configuration that stays exact there.
-Run: `python benchmarks/openvino_speed.py [--runs 20] [--out benchmarks/results/openvino_speed.md]`.
+Run: `python benchmarks/openvino_speed.py [--runs 30] [--out benchmarks/results/openvino_speed.md]`.
 """
 
 from __future__ import annotations
@@ -25,28 +25,31 @@ def compiled(core: ov.Core, path: Path, threads: int) -> ov.CompiledModel:
     return core.compile_model(core.read_model(str(path)), "CPU", config)
 
 
+def measure(case: ResNetCase, work: Path, threads: int, runs: int) -> list[list[str]]:
+    """Export the float model and mq's two openvino configurations into ``work``, compile and time them."""
+    results: dict[str, Path] = {"float (fp32)": case.float_onnx(work / "float.onnx")}
+    for label, qconfig in MQ_QCONFIGS:
+        result = case.mq_export("openvino", qconfig, work / f"openvino-{qconfig}")
+        results[f"mq openvino ({label})"] = result.path("onnx-fakequantize")
+    core = ov.Core()
+    runners = {}
+    for label, path in results.items():
+        request = compiled(core, path, threads).create_infer_request()
+        runners[label] = lambda x, request=request: np.array(request.infer({0: x})[0], copy=True)
+    return case.measure(runners, runs)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", type=int, default=20)
+    parser.add_argument("--runs", type=int, default=30)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "openvino_speed.md")
     args = parser.parse_args()
 
     case = ResNetCase.build(args.batch)
-    work = Path(tempfile.mkdtemp(prefix="mq-bench-"))
-    results: dict[str, Path] = {"float (fp32)": case.float_onnx(work / "float.onnx")}
-    for label, qconfig in MQ_QCONFIGS:
-        result = case.mq_export("openvino", qconfig, work / f"openvino-{qconfig}")
-        results[f"mq openvino ({label})"] = result.path("onnx-fakequantize")
-
-    core = ov.Core()
-    runners = {}
-    for label, path in results.items():
-        request = compiled(core, path, args.threads).create_infer_request()
-        runners[label] = lambda x, request=request: np.array(request.infer({0: x})[0], copy=True)
-    rows = case.measure(runners, args.runs)
-
+    with tempfile.TemporaryDirectory(prefix="mq-bench-") as tmp:
+        rows = measure(case, Path(tmp), args.threads, args.runs)
     header = (f"ResNet-18 shape, 224x224, batch {args.batch}, OpenVINO {ov.__version__} CPU plugin (int8 kernels), "
               f"{args.threads} threads, 1 stream, median of {args.runs} interleaved runs.")
     write_report("OpenVINO: speed and accuracy", header, rows, args.out)

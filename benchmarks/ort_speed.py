@@ -3,7 +3,7 @@
 A ResNet-18-shaped model (random weights, randomised BN statistics; 224x224), the same calibration images for both
 quantizers, ONNX Runtime with all graph optimisations and 2 threads, batch 8. Accuracy is measured against the
 float model on held-out inputs: top-1 agreement with the float predictions and the signal-to-quantization-noise
-ratio of the logits. Run: `python benchmarks/ort_speed.py [--runs 20] [--out benchmarks/results/ort_speed.md]`.
+ratio of the logits. Run: `python benchmarks/ort_speed.py [--runs 30] [--out benchmarks/results/ort_speed.md]`.
 """
 
 from __future__ import annotations
@@ -35,18 +35,9 @@ class Reader(CalibrationDataReader):
         return next(self.items, None)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", type=int, default=20)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "ort_speed.md")
-    args = parser.parse_args()
-
-    case = ResNetCase.build(args.batch)
-    work = Path(tempfile.mkdtemp(prefix="mq-bench-"))
+def measure(case: ResNetCase, work: Path, threads: int, runs: int) -> list[list[str]]:
+    """Export the float model, mq's two configurations and quantize_static's two into ``work``, then time them."""
     float_path = case.float_onnx(work / "float.onnx")
-
     results: dict[str, Path] = {"float (fp32)": float_path}
     for label, qconfig in MQ_QCONFIGS:
         results[f"mq qdq ({label})"] = case.mq_export("qdq", qconfig, work / f"qdq-{qconfig}").path("onnx-qdq")
@@ -58,13 +49,24 @@ def main() -> None:
                         quant_format=QuantFormat.QDQ, activation_type=QuantType.QUInt8,
                         weight_type=QuantType.QInt8, per_channel=True, reduce_range=reduce_range)
         results[label] = path
-
     runners = {}
     for label, path in results.items():
-        sess = session(path, args.threads)
+        sess = session(path, threads)
         runners[label] = lambda x, sess=sess: sess.run(None, {"x": x})[0]
-    rows = case.measure(runners, args.runs)
+    return case.measure(runners, runs)
 
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=30)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "ort_speed.md")
+    args = parser.parse_args()
+
+    case = ResNetCase.build(args.batch)
+    with tempfile.TemporaryDirectory(prefix="mq-bench-") as tmp:
+        rows = measure(case, Path(tmp), args.threads, args.runs)
     header = (f"ResNet-18 shape, 224x224, batch {args.batch}, ONNX Runtime {ort.__version__} CPU, all graph "
               f"optimisations, {args.threads} threads, median of {args.runs} interleaved runs.")
     write_report("ONNX Runtime: speed and accuracy", header, rows, args.out)

@@ -3,8 +3,9 @@
 1. One SGD training step (forward, cross-entropy, backward, update) of a ResNet-18-shaped model at 224x224,
    batch 16, on the CPU: the float model; mq QAT with fixed fake quantizers (``qdq`` backend, BN fold simulated),
    with the fast rounding path (torch's fake-quant kernels, what QAT uses for speed) and the exact path; and
-   torch.ao's ``prepare_qat_fx`` with its x86 default QAT qconfig. The timed steps of all variants are interleaved
-   so load drift on a shared machine affects them alike; the table gives median times and ratios to float.
+   torch.ao's ``prepare_qat_fx`` with its x86 default QAT qconfig. Both see the calibration batch once and then
+   train with their observers off (fixed qparams, the same work per step). The timed steps of all variants are
+   interleaved so load drift on a shared machine affects them alike; the table gives median times and ratios.
 2. ``mq.prepare`` time on stacks of N, 2N, 4N and 8N residual blocks: linear scaling shows as a constant time per
    block (a 4x deeper model takes about 4x as long), quadratic as a time per block that grows with depth.
 
@@ -43,13 +44,17 @@ def train_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Callable[[
     return step
 
 
-def torch_ao_qat(model: nn.Module, x: torch.Tensor) -> nn.Module:
+def torch_ao_qat(model: nn.Module, x: torch.Tensor, calib: torch.Tensor) -> nn.Module:
+    """torch.ao's FX QAT model, its observers run once on ``calib`` and then switched off (as mq's after calibrate)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch.ao's deprecation warnings: it is the peer being measured
-        from torch.ao.quantization import get_default_qat_qconfig_mapping
+        from torch.ao.quantization import disable_observer, get_default_qat_qconfig_mapping
         from torch.ao.quantization.quantize_fx import prepare_qat_fx
 
-        return prepare_qat_fx(model.train(), get_default_qat_qconfig_mapping("x86"), (x,))
+        qat = prepare_qat_fx(model.train(), get_default_qat_qconfig_mapping("x86"), (x,))
+    qat(calib)
+    qat.apply(disable_observer)
+    return qat
 
 
 def step_times(steps: dict[str, Callable[[], None]], runs: int) -> dict[str, float]:
@@ -107,9 +112,7 @@ def main() -> None:
         qmodel = mq.prepare(copy.deepcopy(base), "qdq", x[:2], mode="qat", exact=exact)
         mq.calibrate(qmodel, [x[:4]], progress=False)
         models[label] = qmodel.train()
-    ao = torch_ao_qat(copy.deepcopy(base), x[:2])
-    ao(x[:4])  # observers see data once, as mq's calibration did
-    models["torch.ao prepare_qat_fx (x86)"] = ao
+    models["torch.ao prepare_qat_fx (x86)"] = torch_ao_qat(copy.deepcopy(base), x[:2], x[:4])
     times = step_times({label: train_step(m, x, y) for label, m in models.items()}, args.steps)
     rows = [[label, f"{ms:.0f}", f"{ms / times['float']:.2f}x"] for label, ms in times.items()]
     step_table = render_table(["training step", "ms (median)", "vs float"], rows)

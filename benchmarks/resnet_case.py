@@ -19,12 +19,13 @@ import torch
 
 import mq_core as mq
 from mq_core.cli.table import render_table
-from mq_core.export.canonical import _quiet_exporter
+from mq_core.export.canonical import quiet_exporter
 from mq_core.runtimes.cpu import int8_may_saturate
 from mq_core.testing.zoo import ResNet18, randomize_bn
 
-#: The two mq configurations benchmarked: the backend's default and 7-bit weights (exact on CPUs without VNNI).
-MQ_QCONFIGS: tuple[tuple[str, str | None], ...] = (("w8a8", None), ("reduce-range, w7a8", "reduce-range"))
+#: The two mq configurations benchmarked: the backend's default (8-bit weights and activations on both benchmarked
+#: backends) and 7-bit weights (exact on CPUs without VNNI).
+MQ_QCONFIGS: tuple[tuple[str, str | None], ...] = (("default, w8a8", None), ("reduce-range, w7a8", "reduce-range"))
 
 
 @dataclass
@@ -50,7 +51,7 @@ class ResNetCase:
 
     def float_onnx(self, path: Path) -> Path:
         """The float model as ONNX (dynamo exporter, dynamic batch, input named ``x``)."""
-        with _quiet_exporter():
+        with quiet_exporter():
             program = torch.onnx.export(self.model, (self.held_out[0],), dynamo=True, input_names=["x"],
                                         optimize=True, dynamic_shapes=({0: torch.export.Dim("batch")},),
                                         verbose=False)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import typing
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -43,10 +44,37 @@ class PTQMethod:
         unknown = sorted(set(overrides) - known)
         if unknown:
             raise ConfigError(f"PTQ method {self.name!r} has no option(s) {unknown}; its options are {sorted(known)}.")
-        return self.Config(**overrides)
+        hints = typing.get_type_hints(self.Config)
+        return self.Config(**{key: _coerce(self.name, key, value, hints.get(key)) for key, value in overrides.items()})
 
     def apply(self, qmodel: nn.Module, data: list[Any], config: Any, progress: bool) -> None:
         raise NotImplementedError
+
+
+def _coerce(method: str, key: str, value: Any, hint: Any) -> Any:
+    """An option value as its field's type, or a ConfigError: options come from the command line and TOML files as
+    JSON-ish values, and a string where a number belongs must fail here, not deep inside the method."""
+    def wrong(kind: str) -> ConfigError:
+        return ConfigError(f"PTQ method {method!r}: option {key} must be {kind}, got {value!r}.")
+
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise wrong("true or false")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not (isinstance(value, int) or (isinstance(value, float) and value.is_integer())):
+            raise wrong("an integer")
+        return int(value)
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise wrong("a number")
+        return float(value)
+    if typing.get_origin(hint) is tuple:
+        items = (value,) if isinstance(value, str) else value  # blocks=layer1 means one block
+        if not isinstance(items, list | tuple) or not all(isinstance(i, str) for i in items):
+            raise wrong("a list of names")
+        return tuple(items)
+    return value
 
 
 def ptq(

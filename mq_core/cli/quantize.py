@@ -20,7 +20,7 @@ from torch import nn
 from mq_core.cli.loading import build_model, calibration_batches, load_object, parse_key_value
 from mq_core.cli.table import render_table
 from mq_core.errors import ConfigError
-from mq_core.plugins.lookup import list_backends
+from mq_core.plugins.lookup import get_ptq_method, list_backends
 from mq_core.workflow import QuantizeSummary, quantize_for_backends
 
 if sys.version_info >= (3, 11):
@@ -40,13 +40,21 @@ def _read_config(path: str) -> dict[str, Any]:
         data = tomllib.loads(Path(path).read_text())
     except (OSError, tomllib.TOMLDecodeError) as exc:
         raise ConfigError(f"--config {path}: cannot read it as TOML ({exc}).") from exc
-    data = data.get("quantize", data)  # keys may sit at the top level or under [quantize]
+    if "quantize" in data:  # keys sit either at the top level or under [quantize], not both
+        stray = sorted(set(data) - {"quantize"})
+        if stray:
+            raise ConfigError(f"--config {path}: {stray} sit outside the [quantize] table and would be ignored; move "
+                              "them under it (method options as a [quantize.method_options] table).")
+        data = data["quantize"]
     config = {k.replace("-", "_"): v for k, v in data.items()}
     if "eval" in config:
         config["eval_ref"] = config.pop("eval")
     unknown = sorted(set(config) - CONFIG_KEYS - {"eval_ref"})
     if unknown:
         raise ConfigError(f"--config {path}: unknown key(s) {unknown}; valid keys are {sorted(CONFIG_KEYS)}.")
+    if not isinstance(config.get("method_options", {}), dict):
+        raise ConfigError(f"--config {path}: method_options must be a table (e.g. [quantize.method_options] with "
+                          f"iterations = 500), got {config['method_options']!r}.")
     return config
 
 
@@ -167,6 +175,13 @@ def quantize_command(ctx: click.Context, **params: Any) -> None:
     """
     p = _merge(ctx, params)
     progress = not p["quiet"] and not p["as_json"]
+    method_options = dict(p.get("method_options") or {})
+    method_options.update(parse_key_value(o, "--method-option values") for o in p["method_option"])
+    if method_options and not p["method"]:
+        raise ConfigError(f"PTQ method options {sorted(method_options)} were given without --method; name the "
+                          "method they are for (adaround, brecq or qdrop).")
+    if p["method"]:  # unknown methods and bad options fail now, not after training the model and calibrating
+        get_ptq_method(p["method"]).make_config(**method_options)
     if p["model"]:
         if not p["calib"]:
             raise ConfigError("missing calibration data: with --model, pass --calib (a .pt/.npy tensor file, a "
@@ -181,11 +196,6 @@ def quantize_command(ctx: click.Context, **params: Any) -> None:
     if p["num_batches"]:
         calib = calib[: p["num_batches"]]
     backends = list_backends() if p["backend"] == "all" else [p["backend"]]
-    method_options = dict(p.get("method_options") or {})
-    method_options.update(parse_key_value(o, "--method-option values") for o in p["method_option"])
-    if method_options and not p["method"]:
-        raise ConfigError(f"PTQ method options {sorted(method_options)} were given without --method; name the "
-                          "method they are for (adaround, brecq or qdrop).")
     summary = quantize_for_backends(
         model, backends, calib, p["out"], eval_fn=eval_fn, keep_going=p["backend"] == "all",
         qconfig=p["qconfig"], method=p["method"], method_options=method_options or None,

@@ -43,9 +43,10 @@ _SCOPES = "pkg.torch.onnx.name_scopes"
 
 
 @contextlib.contextmanager
-def _quiet_exporter() -> Iterator[None]:
+def quiet_exporter() -> Iterator[None]:
     """The dynamo exporter logs progress and optional-dependency notes on loggers/warnings, and prints pages of
-    graph on stderr when it fails: keep them quiet (a failure becomes one ExportError paragraph)."""
+    graph on stderr when it fails: keep them quiet (a failure becomes one ExportError paragraph). Public for
+    scripts that export a float reference model with torch.onnx themselves (the benchmarks)."""
     names = ("torch.onnx", "torch.export", "torch._dynamo", "onnxscript", "onnx_ir",
              "torch.fx.experimental.symbolic_shapes")
     loggers = [logging.getLogger(n) for n in names]
@@ -197,7 +198,7 @@ def export_qdq_onnx(
     batch = torch.export.Dim("batch")
     dynamic: Any = tuple({0: batch} for _ in inputs)
     try:
-        with _quiet_exporter():
+        with quiet_exporter():
             program = torch.onnx.export(
                 deploy, inputs, dynamo=True, opset_version=opset, input_names=names, output_names=output_names,
                 dynamic_shapes=dynamic, custom_translation_table=TRANSLATIONS, optimize=True, verbose=False,

@@ -4,14 +4,14 @@ Each class subclasses the float torch layer (``QConv2d`` is an ``nn.Conv2d``), s
 layer's attributes keep working. ``weight_fake_quant`` quantizes the weight the deploy model will carry; ``act``
 (ReLU/ReLU6, optional) runs after the layer.
 
-The BatchNorm variants follow Jacob et al. 2018 (torch's ``ConvBn``): while training they quantize
-``w * gamma / sqrt(running_var + eps)``, undo the scale and let the kept BatchNorm normalise with batch
-statistics (updating its running statistics with its own momentum). The scale is undone on the quantized weight
-(per output channel) rather than on the layer output as torch does: the layer is linear in each output channel's
-weights, so the result is the same, but the division touches the small weight instead of the whole activation,
-which took a ResNet-18 QAT step from 1.40x to 1.22x a float step on a CPU (``benchmarks/qat_step.py``). In eval
-mode, or once the BN is frozen, they run the deploy arithmetic itself (``mq_core.nn.bn_fold``), so their output
-equals the folded model's bit for bit.
+The BatchNorm variants follow Jacob et al. 2018 (torch's ``ConvBn``): while training they quantize ``w * gamma /
+sqrt(running_var + eps)``, undo the scale and let the kept BatchNorm normalise with batch statistics (updating its
+running statistics with its own momentum). The scale is undone on the quantized weight (per output channel) rather
+than on the layer output as torch does: the layer is linear in each output channel's weights, so the result is the
+same, but the division touches the small weight instead of the whole activation, which took a ResNet-18 QAT step
+from about 1.4x to 1.2-1.3x a float step on a CPU (``benchmarks/qat_step.py``). In eval mode, or once the BN is
+frozen, they run the deploy arithmetic itself (``mq_core.nn.bn_fold``), so their output equals the folded model's
+bit for bit.
 """
 
 from __future__ import annotations

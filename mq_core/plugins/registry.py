@@ -51,7 +51,8 @@ class Registry:
 
     @property
     def label(self) -> str:
-        return self.kind.replace("_", " ")
+        """The kind as users read it in messages ("ptq_method" -> "PTQ method")."""
+        return self.kind.replace("_", " ").replace("ptq", "PTQ")
 
     def add(self, entry: Entry) -> None:
         """Record a claim. The same key twice from one distribution is that plugin's bug: ValueError."""

@@ -148,14 +148,32 @@ def test_ptq_method_with_options_from_flags_and_config(workdir: Path) -> None:
     assert_clean_error(invoke(*common, "--method", "brecq", "--method-option", "colour=red"),
                        "has no option(s) ['colour']")
     assert_clean_error(invoke(*common, "--method-option", "iterations=20"), "without --method")
+    assert_clean_error(invoke(*common, "--method", "adaround", "--method-option", "iterations=abc"),
+                       "option iterations must be an integer")
     (workdir / "m.toml").write_text(textwrap.dedent("""
+        [quantize]
         method = "qdrop"
-        [method_options]
+        [quantize.method_options]
         iterations = 20
         drop_prob = 7
     """))
     assert_clean_error(invoke(*common, "--config", "m.toml"), "drop_prob is a probability")
-    assert invoke(*common, "--config", "m.toml", "--method-option", "drop_prob=0.5", "--out", "qd").exit_code == 0
+    qdrop = invoke(*common, "--config", "m.toml", "--method-option", "drop_prob=0.5", "--out", "qd", "--json")
+    assert qdrop.exit_code == 0, qdrop.output
+    assert json.loads(qdrop.output)["backends"][0]["method"] == "qdrop"
+    # A table beside [quantize] would be silently ignored: refused instead.
+    (workdir / "stray.toml").write_text('[quantize]\nmethod = "qdrop"\n[method_options]\niterations = 20\n')
+    assert_clean_error(invoke(*common, "--config", "stray.toml"), "outside the [quantize] table")
+    (workdir / "flat.toml").write_text('method = "qdrop"\nmethod_options = "iterations=20"\n')
+    assert_clean_error(invoke(*common, "--config", "flat.toml"), "method_options must be a table")
+
+
+def test_method_options_are_checked_before_any_work(workdir: Path) -> None:
+    """A bad option fails in a second with exit status 2, even for --backend all, before the model is built."""
+    result = invoke("quantize", "--model", "nosuch.module:build", "--calib", "calib.pt", "--backend", "all",
+                    "--method", "brecq", "--method-option", "blocks=[1]")
+    assert_clean_error(result, "option blocks must be a list of names")
+    assert_clean_error(invoke("quantize", "--method", "nosuch"), "unknown PTQ method 'nosuch'")
 
 
 def test_bad_model_reference(workdir: Path) -> None:

@@ -73,11 +73,24 @@ def test_export_folder_reloads_and_detects_changes(exported: mq.ExportResult, tm
         mq.ExportResult.load(copy)
 
 
-def test_unavailable_and_unsuitable_runtimes_are_reported_not_hidden(exported: mq.ExportResult) -> None:
+def test_unavailable_and_unsuitable_runtimes_are_reported_not_hidden(exported: mq.ExportResult,
+                                                                     tmp_path: Path) -> None:
     report = mq.verify(exported, ZOO["unet"].inputs(2), runtimes="all")
     assert {c.runtime for c in report.checks} >= {"onnxruntime", "onnxruntime-opt", "openvino", "tvm"}
+    assert report.skipped == []
     with pytest.raises(mq.UnknownNameError, match="Installed runtimes"):
         mq.verify(exported, ZOO["unet"].inputs(2), runtimes=["nosuch"])
+    # OpenVINO's FakeQuantize ONNX holds org.openvinotoolkit ops: only OpenVINO can run it, and the report says so.
+    entry = ZOO["unet"]
+    # 7-bit weights: openvino-int8 (in "all") runs the int8 kernels, which saturate 8-bit weights without VNNI.
+    qmodel = mq.prepare(entry.build(), "openvino", entry.inputs(2), qconfig="reduce-range")
+    mq.calibrate(qmodel, entry.calibration_data(), progress=False)
+    fake_quantize = mq.export(qmodel, entry.inputs(2), tmp_path, "openvino")
+    report = mq.verify(fake_quantize, entry.inputs(2), runtimes="all")
+    assert report.passed and {c.runtime for c in report.checks} == {"openvino", "openvino-int8"}
+    assert sorted(s.split()[0] for s in report.skipped) == ["onnxruntime", "onnxruntime-opt", "tvm"]
+    assert all("cannot run the onnx-fakequantize artifact" in s for s in report.skipped)
+    assert report.table().count("\nskipped: ") == 3
 
 
 def test_unquantized_outputs_use_an_8_bit_yardstick(tmp_path: Path) -> None:
