@@ -23,9 +23,12 @@ $(STAMP): pyproject.toml plugins/*/pyproject.toml
 demo: setup
 	$(BIN)/mq quantize --out $(DEMO_OUT)
 
-# One pytest worker per core (pytest-xdist), each with one torch thread so workers do not fight over the cores.
+# One pytest worker per core (pytest-xdist; `make test TEST_WORKERS=1` for one), each with one torch thread so
+# workers do not fight over the cores. loadfile keeps a test file on one worker, so module fixtures (trained
+# models, exports) are built once.
+TEST_WORKERS ?= auto
 test: setup
-	@OMP_NUM_THREADS=1 $(BIN)/python -m pytest -n auto --dist worksteal; rc=$$?; \
+	@OMP_NUM_THREADS=1 $(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing on purpose" >&2; exit 1; fi; exit $$rc
 
 lint: setup
