@@ -10,13 +10,11 @@ Run: `python benchmarks/openvino_speed.py [--runs 30] [--out benchmarks/results/
 
 from __future__ import annotations
 
-import argparse
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import openvino as ov
-from resnet_case import MQ_QCONFIGS, ResNetCase, write_report
+from resnet_case import MQ_QCONFIGS, ResNetCase, run_benchmark
 
 
 def compiled(core: ov.Core, path: Path, threads: int) -> ov.CompiledModel:
@@ -40,19 +38,8 @@ def measure(case: ResNetCase, work: Path, threads: int, runs: int) -> list[list[
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", type=int, default=30)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "openvino_speed.md")
-    args = parser.parse_args()
-
-    case = ResNetCase.build(args.batch)
-    with tempfile.TemporaryDirectory(prefix="mq-bench-") as tmp:
-        rows = measure(case, Path(tmp), args.threads, args.runs)
-    header = (f"ResNet-18 shape, 224x224, batch {args.batch}, OpenVINO {ov.__version__} CPU plugin (int8 kernels), "
-              f"{args.threads} threads, 1 stream, median of {args.runs} interleaved runs.")
-    write_report("OpenVINO: speed and accuracy", header, rows, args.out)
+    run_benchmark(__doc__.splitlines()[0], "openvino_speed.md", "OpenVINO: speed and accuracy", measure,
+                  lambda args: f"OpenVINO {ov.__version__} CPU plugin (int8 kernels), {args.threads} threads, 1 stream")
 
 
 if __name__ == "__main__":

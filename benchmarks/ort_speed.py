@@ -8,15 +8,13 @@ ratio of the logits. Run: `python benchmarks/ort_speed.py [--runs 30] [--out ben
 
 from __future__ import annotations
 
-import argparse
 import logging
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
-from resnet_case import MQ_QCONFIGS, ResNetCase, write_report
+from resnet_case import MQ_QCONFIGS, ResNetCase, run_benchmark
 
 
 def session(path: Path, threads: int) -> ort.InferenceSession:
@@ -57,19 +55,8 @@ def measure(case: ResNetCase, work: Path, threads: int, runs: int) -> list[list[
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", type=int, default=30)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "ort_speed.md")
-    args = parser.parse_args()
-
-    case = ResNetCase.build(args.batch)
-    with tempfile.TemporaryDirectory(prefix="mq-bench-") as tmp:
-        rows = measure(case, Path(tmp), args.threads, args.runs)
-    header = (f"ResNet-18 shape, 224x224, batch {args.batch}, ONNX Runtime {ort.__version__} CPU, all graph "
-              f"optimisations, {args.threads} threads, median of {args.runs} interleaved runs.")
-    write_report("ONNX Runtime: speed and accuracy", header, rows, args.out)
+    run_benchmark(__doc__.splitlines()[0], "ort_speed.md", "ONNX Runtime: speed and accuracy", measure,
+                  lambda args: f"ONNX Runtime {ort.__version__} CPU, all graph optimisations, {args.threads} threads")
 
 
 if __name__ == "__main__":

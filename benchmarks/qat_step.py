@@ -17,14 +17,13 @@ from __future__ import annotations
 
 import argparse
 import copy
-import statistics
 import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from resnet_case import machine_line
+from resnet_case import interleaved_ms, machine_line
 from torch import nn
 
 import mq_core as mq
@@ -55,19 +54,6 @@ def torch_ao_qat(model: nn.Module, x: torch.Tensor, calib: torch.Tensor) -> nn.M
     qat(calib)
     qat.apply(disable_observer)
     return qat
-
-
-def step_times(steps: dict[str, Callable[[], None]], runs: int) -> dict[str, float]:
-    for step in steps.values():
-        for _ in range(2):
-            step()
-    times: dict[str, list[float]] = {label: [] for label in steps}
-    for _ in range(runs):
-        for label, step in steps.items():
-            start = time.perf_counter()
-            step()
-            times[label].append(1000 * (time.perf_counter() - start))
-    return {label: statistics.median(t) for label, t in times.items()}
 
 
 class Stack(nn.Module):
@@ -113,7 +99,7 @@ def main() -> None:
         mq.calibrate(qmodel, [x[:4]], progress=False)
         models[label] = qmodel.train()
     models["torch.ao prepare_qat_fx (x86)"] = torch_ao_qat(copy.deepcopy(base), x[:2], x[:4])
-    times = step_times({label: train_step(m, x, y) for label, m in models.items()}, args.steps)
+    times = interleaved_ms({label: train_step(m, x, y) for label, m in models.items()}, args.steps, warmup=2)
     rows = [[label, f"{ms:.0f}", f"{ms / times['float']:.2f}x"] for label, ms in times.items()]
     step_table = render_table(["training step", "ms (median)", "vs float"], rows)
 

@@ -6,8 +6,11 @@ numbers can be read side by side; this module holds that case once.
 
 from __future__ import annotations
 
+import argparse
+import functools
 import platform
 import statistics
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -66,9 +69,10 @@ class ResNetCase:
         return mq.export(qmodel, example, out)
 
     def measure(self, runners: dict[str, Callable[[np.ndarray], np.ndarray]], runs: int) -> list[list[str]]:
-        """One table row per runner: latency (interleaved, see ``latency_ms``), speed-up over the first runner
+        """One table row per runner: latency (interleaved, see ``interleaved_ms``), speed-up over the first runner
         (the float model), top-1 agreement and SQNR."""
-        latencies = latency_ms(runners, self.held_out[0].numpy(), runs)
+        x = self.held_out[0].numpy()
+        latencies = interleaved_ms({label: functools.partial(run, x) for label, run in runners.items()}, runs)
         base = latencies[next(iter(runners))]
         rows = []
         for label, run in runners.items():
@@ -89,20 +93,20 @@ class ResNetCase:
         return 100.0 * agree / total, 10 * np.log10(signal / max(noise, 1e-30))
 
 
-def latency_ms(runners: dict[str, Callable[[np.ndarray], object]], x: np.ndarray, runs: int) -> dict[str, float]:
-    """Median wall time (ms) of each runner on ``x``, after 3 warm-up calls each.
+def interleaved_ms(calls: dict[str, Callable[[], object]], runs: int, warmup: int = 3) -> dict[str, float]:
+    """Median wall time (ms) of each call, after ``warmup`` calls each.
 
-    The calls are interleaved (one call of every runner per round) so that a shared machine's load drifting over
+    The calls are interleaved (one call of every entry per round) so that a shared machine's load drifting over
     the run slows every row alike; the ratios between rows stay meaningful even when absolute times do not.
     """
-    for run in runners.values():
-        for _ in range(3):
-            run(x)
-    times: dict[str, list[float]] = {label: [] for label in runners}
+    for call in calls.values():
+        for _ in range(warmup):
+            call()
+    times: dict[str, list[float]] = {label: [] for label in calls}
     for _ in range(runs):
-        for label, run in runners.items():
+        for label, call in calls.items():
             start = time.perf_counter()
-            run(x)
+            call()
             times[label].append(1000 * (time.perf_counter() - start))
     return {label: statistics.median(t) for label, t in times.items()}
 
@@ -116,6 +120,31 @@ def write_report(title: str, header: str, rows: list[list[str]], out: Path) -> N
     print(text)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(f"# {title}\n\n```text\n{text}```\n")
+
+
+def run_benchmark(
+    description: str,
+    result_name: str,
+    title: str,
+    measure: Callable[[ResNetCase, Path, int, int], list[list[str]]],
+    runtime: Callable[[argparse.Namespace], str],
+) -> None:
+    """The command line both runtime benchmarks share: parse ``--runs/--threads/--batch/--out``, build the case,
+    let ``measure(case, work_dir, threads, runs)`` export into a temporary folder and time, and write the report
+    (``runtime(args)`` describes the runtime's settings in its header)."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--runs", type=int, default=30)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / result_name)
+    args = parser.parse_args()
+
+    case = ResNetCase.build(args.batch)
+    with tempfile.TemporaryDirectory(prefix="mq-bench-") as tmp:
+        rows = measure(case, Path(tmp), args.threads, args.runs)
+    header = (f"ResNet-18 shape, 224x224, batch {args.batch}, {runtime(args)}, median of {args.runs} interleaved "
+              "runs.")
+    write_report(title, header, rows, args.out)
 
 
 def machine_line() -> str:
