@@ -2,23 +2,34 @@
 
 Weights and activations can be switched separately (``weights=...``, ``activations=...``). Weight quantizers
 need no data: when quantization is enabled for an unobserved weight quantizer, it observes its own weight.
+
+Calibration data follows one rule wherever mq reads it (``mq.calibrate``, ``mq.ptq``, the CLI's ``--calib``):
+``iter_batches`` turns the data into a stream of batches, and ``model_inputs`` says which part of a batch is the
+model's input and checks it against the example inputs the model was prepared with.
 """
 
 from __future__ import annotations
 
+import inspect
 import itertools
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
+from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from mq_core.errors import CalibrationError
+from mq_core.errors import CalibrationError, ConfigError, MQError, describe_exception
+from mq_core.prepare import PrepareInfo, prepare_info
 from mq_core.quant.fake_quant import FakeQuantizer
 
 log = logging.getLogger(__name__)
+
+#: Samples per batch when calibration data is a tensor [N, ...] or a Dataset (the CLI's --batch-size default).
+DEFAULT_BATCH_SIZE = 32
 
 
 def quantizers(model: nn.Module, weights: bool = True, activations: bool = True) -> dict[str, FakeQuantizer]:
@@ -78,6 +89,14 @@ def disable_all(model: nn.Module, weights: bool = True, activations: bool = True
         fq.enable_quantization(False)
 
 
+def reset_calibration(model: nn.Module) -> None:
+    """Forget every observed statistic and qparam and switch observers and quantization off (``FakeQuantizer.reset``
+    for each quantizer): the state of a freshly prepared model, as far as calibration goes."""
+    for fq in quantizers(model).values():
+        fq.reset()
+    disable_all(model)
+
+
 def num_inputs(model: nn.Module) -> int | None:
     """Number of positional inputs of a traced model (None when unknown)."""
     graph = getattr(model, "graph", None)
@@ -86,57 +105,289 @@ def num_inputs(model: nn.Module) -> int | None:
     return sum(1 for n in graph.nodes if n.op == "placeholder")
 
 
-def run_batch(model: nn.Module, batch: Any, n_inputs: int | None = None) -> Any:
-    """Call ``model`` on one batch: a tensor, a (inputs..., target) tuple/list from a DataLoader, or a dict."""
+def _count(value: Any, what: str, optional: bool) -> int | None:
+    """``value`` as a positive integer option (``num_batches``, ``batch_size``), or a ConfigError saying so."""
+    if value is None and optional:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
+        allowed = "a positive integer" + (" or None (all)" if optional else "")
+        raise ConfigError(f"{what} must be {allowed}, got {value!r}.")
+    return int(value)
+
+
+def _batch_source(data: Any, batch_size: int) -> Iterable[Any]:
+    """The batches of ``data`` (see ``iter_batches``), sized where the data says how many there are."""
+    if isinstance(data, np.ndarray):
+        try:
+            data = torch.from_numpy(data)
+        except TypeError as exc:
+            raise CalibrationError(
+                f"calibration data is a numpy array of dtype {data.dtype}, which torch cannot hold ({exc}). Pass a "
+                "numeric array [N, ...]."
+            ) from None
+    if isinstance(data, torch.Tensor):
+        if data.dim() == 0:
+            raise CalibrationError(
+                "calibration data is a 0-d tensor (a single number); pass a tensor [N, ...] of N samples, a "
+                "Dataset, a DataLoader or a list of batches."
+            )
+        return data.split(batch_size)
+    if isinstance(data, Dataset):
+        return DataLoader(data, batch_size=batch_size)
+    if data is None or isinstance(data, str | bytes | Mapping) or not isinstance(data, Iterable):
+        got = "None" if data is None else f"a {type(data).__name__}"
+        hint = " (for one dict batch pass [batch])" if isinstance(data, Mapping) else ""
+        raise CalibrationError(
+            f"calibration data must be a tensor [N, ...], a torch Dataset, a DataLoader or an iterable of batches; "
+            f"got {got}{hint}."
+        )
+    return data
+
+
+def iter_batches(data: Any, num_batches: int | None = None, batch_size: int = DEFAULT_BATCH_SIZE) -> Iterator[Any]:
+    """Calibration data as a lazy stream of batches: the one data rule of ``mq.calibrate``, ``mq.ptq`` and the CLI.
+
+    ``data`` may be
+
+    * a tensor (or numpy array) ``[N, ...]``: N samples, split along the first dimension into batches of
+      ``batch_size`` (views, the last one may be smaller). A tensor is never a single batch: pass ``[x]`` for that;
+    * a ``torch.utils.data.Dataset`` (map-style or iterable): its samples (tensors, ``(input, target)`` tuples or
+      dicts), collated into batches of ``batch_size`` by a ``DataLoader`` in order, in this process;
+    * any other iterable - a ``DataLoader``, a list or tuple, a generator: each item is one batch, as it is
+      (``batch_size`` is not used). So a tuple ``(x, y)`` is two batches; one ``(inputs, target)`` batch is
+      ``[(x, y)]``, and inputs with their targets are ``TensorDataset(x, y)``.
+
+    What a batch holds and which part of it is the model's input is ``model_inputs``'s rule. Batches are made one
+    at a time as the consumer asks for them, and at most ``num_batches`` are read (all when None): an endless
+    loader is fine, and a Dataset reads only the samples it batches. Bad ``data``, ``num_batches`` or
+    ``batch_size`` raise here (``CalibrationError``, ``ConfigError``), before anything is read; an exception
+    while reading (a Dataset's ``__getitem__``, a generator) becomes a ``CalibrationError`` naming the batch.
+    """
+    return _stream(data, num_batches, batch_size)[0]
+
+
+def _stream(data: Any, num_batches: Any, batch_size: Any) -> tuple[Iterator[Any], int | None]:
+    """``iter_batches``'s stream and how many batches it will give (None when the data does not say)."""
+    limit = _count(num_batches, "num_batches", optional=True)
+    source = _batch_source(data, _count(batch_size, "batch_size", optional=False))  # type: ignore[arg-type]
+    try:
+        total: int | None = len(source)  # type: ignore[arg-type]
+    except TypeError:  # a generator, or an IterableDataset without __len__
+        total = None
+    if limit is not None:
+        total = limit if total is None else min(total, limit)
+    return _read(iter(source) if limit is None else itertools.islice(iter(source), limit)), total
+
+
+def _forward_parameters(model: nn.Module) -> tuple[list[str], bool]:
+    """Names of the model forward's parameters, in order, and whether it takes ``**kwargs``."""
+    try:
+        params = list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError):  # a forward without a signature: every entry goes to it
+        return [], True
+    names = [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    return names, any(p.kind is p.VAR_KEYWORD for p in params)
+
+
+def _kind(dtype: torch.dtype) -> str:
+    """What must agree between a batch's dtype and the example input's: float dtypes exactly (a float64 batch fails
+    in a float32 layer), integers only as integers (token ids of any width index an embedding)."""
+    if dtype == torch.bool:
+        return "bool"
+    if dtype.is_floating_point or dtype.is_complex:
+        return str(dtype)
+    return "integer"
+
+
+def _check_input(position: int, value: Any, spec: dict[str, Any] | None) -> None:
+    """One model input against the example input recorded at prepare time (``PrepareInfo.inputs``)."""
+    if spec is None:  # the example input was not a tensor: nothing recorded to compare with
+        return
+    shape, dtype = list(spec["shape"]), getattr(torch, spec["dtype"])
+    prepared = f"example input of shape {shape} ({spec['dtype']})"
+    if not isinstance(value, torch.Tensor):
+        raise CalibrationError(
+            f"input {position} of the batch is a {type(value).__name__}, but the model was prepared with an "
+            f"{prepared} there. Pass tensors shaped like the example inputs."
+        )
+    got = list(value.shape)
+    if len(got) != len(shape) or got[1:] != shape[1:]:
+        hint = ""
+        if got == shape[1:]:
+            hint = (" It looks like one sample without its batch dimension: stack samples into batches, or pass a "
+                    "Dataset of samples.")
+        raise CalibrationError(
+            f"input {position} of the batch has shape {got}, but the model was prepared with an {prepared}; only the "
+            f"first (batch) dimension may differ.{hint} Pass data shaped like the example inputs, or prepare the "
+            "model with example inputs of your data's shape."
+        )
+    if _kind(value.dtype) != _kind(dtype):
+        raise CalibrationError(
+            f"input {position} of the batch is {str(value.dtype).removeprefix('torch.')}, but the model was "
+            f"prepared with an {prepared}. Convert the data (e.g. x.to(torch.{spec['dtype']}))."
+        )
+
+
+def model_inputs(
+    model: nn.Module, batch: Any, n_inputs: int | None = None, *, index: int | None = None
+) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """The model's inputs in one batch, as ``(args, kwargs)`` for ``model(*args, **kwargs)``, checked.
+
+    The rule, one for ``mq.calibrate``, ``mq.ptq`` and the CLI, with k the number of example inputs the model was
+    prepared with (``n_inputs`` overrides it; for an unprepared traced model it is its number of placeholders):
+
+    * a tensor is the model's only input (a model with k > 1 inputs needs tuples);
+    * a tuple or list holds the k inputs first; what follows them (targets, labels) is ignored: ``(x, y)`` runs
+      ``model(x)`` for a one-input model;
+    * a dict (any Mapping) passes the entries whose keys name parameters of the model's ``forward`` as keyword
+      arguments and ignores the others (``{"x": x, "label": y}`` runs ``model(x=x)``); a ``forward(**kwargs)``
+      gets every entry.
+
+    For a prepared model every input that was a tensor at prepare time is then checked against that example input:
+    the same number of dimensions, the same size in every dimension but the first (the batch dimension, the only
+    one that may differ: mq has no other dynamic dimensions), and the same dtype - except that integer inputs
+    (token ids) may differ in width. A mismatch raises ``CalibrationError`` naming both shapes, before the model
+    runs; with ``index`` the message starts "calibration batch <index>: ".
+    """
+    try:
+        return _model_inputs(model, batch, n_inputs)
+    except CalibrationError as exc:
+        if index is None:
+            raise
+        raise CalibrationError(f"calibration batch {index}: {exc}") from None
+
+
+def _model_inputs(model: nn.Module, batch: Any, n_inputs: int | None) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    info = getattr(model, "mq_info", None)
+    specs = info.inputs if isinstance(info, PrepareInfo) else []
+    k = n_inputs if n_inputs is not None else (len(specs) if specs else num_inputs(model) or 1)
+    kwargs: dict[str, Any] = {}
     if isinstance(batch, torch.Tensor):
-        return model(batch)
-    if isinstance(batch, dict):
-        return model(**batch)
-    if isinstance(batch, (tuple, list)):
-        n = n_inputs if n_inputs is not None else 1
-        return model(*batch[:n])
-    raise CalibrationError(
-        f"calibration batches must be tensors, (inputs, target) tuples or dicts; got {type(batch).__name__}."
-    )
+        if k > 1:
+            raise CalibrationError(
+                f"the model takes {k} inputs, but the batch is a single tensor. Make each batch a tuple "
+                f"(input_1, ..., input_{k}[, target])."
+            )
+        args: tuple[Any, ...] = (batch,)
+        positional = args
+    elif isinstance(batch, tuple | list):
+        if len(batch) < k:
+            raise CalibrationError(
+                f"the model takes {k} inputs, but the batch is a {type(batch).__name__} of {len(batch)} item(s). "
+                f"Make each batch (input_1, ..., input_{k}[, target])."
+            )
+        args = positional = tuple(batch[:k])
+    elif isinstance(batch, Mapping):
+        names, var_keyword = _forward_parameters(model)
+        kwargs = {key: value for key, value in batch.items() if var_keyword or key in names}
+        missing = [name for name in names[:k] if name not in kwargs]
+        if missing:
+            raise CalibrationError(
+                f"a dict batch passes the entries named like the parameters of the model's forward; this one has "
+                f"keys {sorted(map(str, batch))} but no {', '.join(map(repr, missing))}. Rename the keys, or make "
+                "each batch an (inputs, target) tuple."
+            )
+        args = ()
+        positional = tuple(kwargs[name] for name in names[:k])
+    else:
+        raise CalibrationError(
+            f"a calibration batch must be a tensor, an (inputs..., target) tuple or list, or a dict; got a "
+            f"{type(batch).__name__}."
+        )
+    for position, value in enumerate(positional):
+        _check_input(position, value, specs[position] if position < len(specs) else None)
+    return args, kwargs
+
+
+def run_batch(model: nn.Module, batch: Any, n_inputs: int | None = None) -> Any:
+    """Call ``model`` on the inputs of one batch (``model_inputs``'s rule and checks)."""
+    args, kwargs = model_inputs(model, batch, n_inputs)
+    return model(*args, **kwargs)
 
 
 def calibrate(
     model: nn.Module,
-    data: Iterable[Any],
+    data: Any,
     num_batches: int | None = None,
     progress: bool = True,
+    *,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    accumulate: bool = False,
 ) -> nn.Module:
-    """Run ``data`` through ``model`` with observers on, then freeze qparams and enable quantization.
+    """Run ``data`` through the prepared ``model`` with observers on, then freeze qparams and enable quantization.
 
     Args:
-        data: an iterable of batches (DataLoader, list of tensors, ...).
+        data: calibration data (``iter_batches``): a tensor ``[N, ...]`` of samples, a Dataset, a DataLoader, or an
+            iterable of batches; each batch a tensor, an ``(inputs, target)`` tuple or a dict (``model_inputs``).
         num_batches: stop after this many batches (default: all).
         progress: show a tqdm progress bar.
+        batch_size: samples per batch when ``data`` is a tensor or a Dataset.
+        accumulate: keep the statistics the observers already hold and add this data to them. By default every
+            quantizer is reset first, so the result depends on this data only, however often the model was
+            calibrated before.
+
+    Errors raise ``MQError`` subclasses. When the arguments or the first batch are bad (wrong shape, empty data),
+    the model is left as it was; when calibration fails later (a later batch, the model raising, Ctrl-C), every
+    quantizer is reset and switched off, so no statistics of a partial pass survive into the next calibration.
     """
-    enable_calibration(model)
-    was_training = model.training
-    model.eval()
-    n_inputs = num_inputs(model)
-    iterator = iter(data) if num_batches is None else itertools.islice(iter(data), num_batches)
-    total = num_batches
-    if total is None and hasattr(data, "__len__"):
-        total = len(data)  # type: ignore[arg-type]
-    seen = 0
-    try:
-        with torch.no_grad():
-            for batch in tqdm(iterator, total=total, desc="calibrate", unit="batch", disable=not progress,
-                              leave=False):
-                run_batch(model, batch, n_inputs)
-                seen += 1
-    finally:
-        model.train(was_training)
-    if seen == 0:
-        disable_all(model)
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"calibrate() needs the prepared model (an nn.Module), got {type(model).__name__}.")
+    prepare_info(model)
+    if not isinstance(accumulate, bool):
+        raise ConfigError(f"accumulate must be True or False, got {accumulate!r}.")
+    stream, total = _stream(data, num_batches, batch_size)
+    first = next(stream, None)
+    if first is None:
         raise CalibrationError(
-            "calibration data is empty: no batch was produced. Pass a non-empty DataLoader or list of tensors "
-            "(a few hundred representative samples are usually enough)."
+            "calibration data is empty: no batch was produced. Pass a non-empty DataLoader, Dataset, tensor [N, ...] "
+            "or list of batches (a few hundred representative samples are usually enough)."
         )
-    log.info("calibrated on %d batches", seen)
-    enable_quantization(model)
+    model_inputs(model, first, index=1)  # a bad first batch leaves the model as it was
+
+    was_training = model.training
+    try:
+        if not accumulate:
+            reset_calibration(model)
+        enable_calibration(model)
+        model.eval()
+        seen = 0
+        with torch.no_grad():
+            for seen, batch in enumerate(tqdm(itertools.chain([first], stream), total=total, desc="calibrate",
+                                              unit="batch", disable=not progress, leave=False), 1):
+                args, kwargs = model_inputs(model, batch, index=seen)
+                try:
+                    model(*args, **kwargs)
+                except MQError:
+                    raise
+                except Exception as exc:
+                    raise CalibrationError(
+                        f"the model raised {type(exc).__name__} on calibration batch {seen}: {exc}. Check that the "
+                        "float model runs on that batch."
+                    ) from exc
+        model.train(was_training)
+        log.info("calibrated on %d batches", seen)
+        enable_quantization(model)
+    except BaseException:
+        model.train(was_training)
+        reset_calibration(model)
+        raise
     return model
+
+
+def _read(batches: Iterator[Any]) -> Iterator[Any]:
+    """``batches``, with an error while reading the data (a Dataset's ``__getitem__``, a generator) turned into a
+    CalibrationError that names the batch."""
+    for index in itertools.count(1):
+        try:
+            batch = next(batches)
+        except StopIteration:
+            return
+        except MQError:
+            raise
+        except Exception as exc:
+            raise CalibrationError(
+                f"reading calibration batch {index} failed: {describe_exception(exc)}. Fix the data source "
+                "(Dataset, DataLoader or generator)."
+            ) from exc
+        yield batch
 

@@ -46,3 +46,9 @@ class VerificationError(MQError):
 
 class ConfigError(MQError, ValueError):
     """An invalid option value (config file, CLI flag, method config)."""
+
+
+def describe_exception(exc: BaseException) -> str:
+    """``Type: message`` of an exception from user code or a library, on one line without a closing period, so an
+    ``MQError`` quoting it stays one paragraph (torch and fx messages often span lines)."""
+    return f"{type(exc).__name__}: {' '.join(str(exc).split())}".rstrip(".: ")

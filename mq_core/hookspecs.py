@@ -8,9 +8,11 @@ A plugin is a module named by an entry point in the group ``mq``::
 whose functions are decorated with ``mq_core.hookimpl`` and named after the hooks below. Each registry hook gets a
 ``register`` callable; call it once per item. Hooks run lazily, the first time any registry is used, once per
 process. Everything a plugin registers is recorded with its distribution name and version (``mq plugins``).
-Registering a name twice from one distribution is a bug in that plugin (it is skipped with a warning); the same
-name from two distributions is a conflict that ``MQ_PREFER`` resolves. The core registers its own built-ins
-through these same hooks (``mq_core.builtin``).
+Names and aliases follow one rule (``mq_core.plugins.registry.NAME_RULE``, docs/plugins.md); a name outside it, a
+name registered twice from one distribution, or a hook that raises (``SystemExit`` included) fails the plugin as a
+whole: it is skipped with a warning and nothing it registered is kept. The same name from two distributions is a
+conflict that ``MQ_PREFER`` resolves; a name the core registers stays the core's unless ``MQ_PREFER`` names the
+plugin. The core registers its own built-ins through these same hooks (``mq_core.builtin``).
 """
 
 from __future__ import annotations
@@ -112,7 +114,8 @@ def register_commands(cli: Any) -> None:
     """Add sub-commands to the ``mq`` command line.
 
     ``cli`` is the root ``click.Group``; use ``@cli.command()`` or ``cli.add_command(...)``. Called when the
-    ``mq`` command starts.
+    ``mq`` command starts. Only new names: a hook that replaces or removes a core command (``verify``, ...) or
+    another plugin's, even under another case, fails its plugin and the command line stays as it was.
     """
 
 

@@ -8,9 +8,15 @@ The result is an ``nn.Module`` (a GraphModule, or the original model with quanti
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import difflib
 import importlib
+import inspect
+import io
 import logging
+import sys
+import types
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,11 +26,12 @@ from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from mq_core.backend import Backend
-from mq_core.errors import ConfigError, TraceError
+from mq_core.errors import ConfigError, MQError, TraceError, describe_exception
 from mq_core.graph.capture import trace
 from mq_core.graph.fusion import fuse
 from mq_core.graph.placement import Annotation, Skip, annotate, materialize
 from mq_core.plugins.lookup import fusion_patterns, get_backend, qat_module_mapping
+from mq_core.quant.fake_quant import FakeQuantizer
 from mq_core.quant.qconfig import QConfig, QConfigPreset
 
 log = logging.getLogger(__name__)
@@ -46,6 +53,13 @@ class PrepareInfo:
     leaf_modules: list[str] = field(default_factory=list)
     exact: bool = True
     placements: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    #: attribute names copied from the float model (``prepare(preserved_attributes=...)``); restore copies them again
+    preserved_attributes: list[str] = field(default_factory=list)
+    #: prepared for a ``Backend`` object that is not the installed backend of its name: a name cannot rebuild it
+    custom_backend: bool = False
+    #: shape and dtype of each example input (None for one that is not a tensor): calibration data is checked
+    #: against them (``mq_core.calibration.model_inputs``). Checkpoints store them beside ``info`` as "inputs".
+    inputs: list[dict[str, Any] | None] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -56,6 +70,8 @@ class PrepareInfo:
             "skip": list(self.skip),
             "leaf_modules": list(self.leaf_modules),
             "exact": self.exact,
+            "preserved_attributes": list(self.preserved_attributes),
+            "custom_backend": self.custom_backend,
         }
 
 
@@ -74,14 +90,22 @@ def _propagate_shapes(gm: fx.GraphModule, example_inputs: tuple[Any, ...]) -> No
     """Record each node's output dtype/shape (placement needs to know which nodes produce float tensors)."""
     was_training = gm.training
     gm.eval()
+    printed = io.StringIO()  # ShapeProp prints a traceback before raising: the error below says it in one paragraph
     try:
-        with torch.no_grad():
+        with torch.no_grad(), contextlib.redirect_stderr(printed):
             ShapeProp(gm).propagate(*example_inputs)
     except Exception as exc:
+        log.debug("shape propagation failed:\n%s", printed.getvalue())
+        cause = exc.__cause__ or exc  # ShapeProp wraps the model's own error in a page of graph metadata
+        shapes = ", ".join(str(list(t.shape)) if isinstance(t, torch.Tensor) else type(t).__name__
+                           for t in example_inputs)
         raise TraceError(
-            f"the traced model failed to run on example_inputs: {type(exc).__name__}: {exc}. Pass example inputs "
-            "with the shape and dtype the model expects."
+            f"the traced model failed to run on example inputs of shape {shapes}: {describe_exception(cause)}. "
+            "Pass example inputs with the shape and dtype the model expects (with "
+            "mq quantize: --calib data shaped like the model's input)."
         ) from exc
+    else:
+        sys.stderr.write(printed.getvalue())  # warnings printed on the way
     finally:
         gm.train(was_training)
 
@@ -135,6 +159,7 @@ def _prepare_graph(
     exact: bool,
 ) -> tuple[fx.GraphModule, list[dict[str, Any]]]:
     gm = trace(module, leaf_modules, concrete_args, preserved_attributes)
+    _bind_preserved_methods(gm, module, preserved_attributes)
     fuse(gm, fusion_patterns(), mode)
     _swap_qat_modules(gm, qconfig, skip, exact)
     _propagate_shapes(gm, example_inputs)
@@ -144,15 +169,32 @@ def _prepare_graph(
     return gm, _placement_table(ann)
 
 
+def _bind_preserved_methods(gm: fx.GraphModule, source: nn.Module, names: Sequence[str]) -> None:
+    """A preserved method (``predict``) runs on the prepared model: the tracer copied it bound to the float copy,
+    so ``qmodel.predict(x)`` would have computed in float. Attributes the method reads must be preserved too."""
+    for name in names:
+        value = getattr(gm, name)
+        if inspect.ismethod(value) and value.__self__ is source:
+            bound = types.MethodType(value.__func__, gm)
+            setattr(gm, name, bound)
+            # the deepcopy record too: copy.deepcopy rebinds a method bound to gm to the copy of gm
+            gm.meta.setdefault(_PRESERVED_KEY, {})[name] = bound
+
+
+def _is_installed(backend: Backend) -> bool:
+    """Whether the installed backend of ``backend.name`` is this one (equal as data), so its name rebuilds it."""
+    try:
+        return get_backend(backend.name) == backend
+    except MQError:  # not installed, or claimed by two plugins: the name does not say which backend it was
+        return False
+
+
 def _submodule_inputs(model: nn.Module, names: Sequence[str], example_inputs: tuple[Any, ...]) -> dict[str, tuple]:
     """Run the float model once and record the positional inputs each named sub-module receives."""
     captured: dict[str, tuple] = {}
     hooks = []
     for name in names:
-        try:
-            sub = model.get_submodule(name)
-        except AttributeError as exc:
-            raise ConfigError(f"model has no sub-module {name!r} to quantize ({exc}).") from None
+        sub = model.get_submodule(name)
         hooks.append(sub.register_forward_pre_hook(lambda _m, args, n=name: captured.setdefault(n, args)))
     # Eval mode for this probe run: in QAT mode the model may be training, and a training-mode forward would
     # update every BatchNorm's running statistics with the example inputs before they are copied into QAT modules.
@@ -170,6 +212,45 @@ def _submodule_inputs(model: nn.Module, names: Sequence[str], example_inputs: tu
     if missing:
         raise ConfigError(f"sub-modules {missing} are never called by the model's forward on example_inputs.")
     return captured
+
+
+def _input_specs(inputs: tuple[Any, ...]) -> list[dict[str, Any] | None]:
+    return [{"shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch.")} if isinstance(t, torch.Tensor)
+            else None for t in inputs]
+
+
+def _items(value: Any, option: str, kinds: tuple[type, ...], what: str) -> list[Any]:
+    """An option holding names (and types/functions): a single item means a list of one (``skip="fc"``)."""
+    if isinstance(value, str | type) or (callable(value) and not isinstance(value, nn.Module)):
+        value = [value]
+    if not isinstance(value, Iterable) or isinstance(value, nn.Module):
+        raise ConfigError(f"{option} must be a list of {what}, got {type(value).__name__}.")
+    items = list(value)
+    for item in items:
+        if isinstance(item, nn.Module) or not isinstance(item, kinds):
+            fix = " (pass its name, as model.named_modules() lists it)" if isinstance(item, nn.Module) else ""
+            raise ConfigError(f"{option} must be a list of {what}; {item!r} is of type {type(item).__name__}{fix}.")
+    return items
+
+
+def _check_names(option: str, names: Iterable[str], known: set[str], where: str) -> None:
+    """Every name in ``names`` is one of ``known``; a ConfigError naming the closest ones otherwise (a misspelled
+    layer name would otherwise be ignored without a word)."""
+    for name in names:
+        if name in known:
+            continue
+        # "backbone.conv" for "conv" (a name given from the root while names are relative to a quantized sub-module)
+        suffixes = sorted((k for k in known if name.endswith("." + k)), key=len, reverse=True)
+        near = list(dict.fromkeys(suffixes + difflib.get_close_matches(name, sorted(known), n=3, cutoff=0.6)))[:3]
+        hint = f"did you mean {', '.join(map(repr, near))}?" if near else (
+            f"names there include {', '.join(sorted(n for n in known if '.' not in n)[:10])}.")
+        raise ConfigError(f"{option}: {where} has no module or layer named {name!r}; {hint} Use qualified names as "
+                          "model.named_modules() lists them.")
+
+
+def _module_names(roots: Iterable[nn.Module]) -> set[str]:
+    """Qualified names of the sub-modules of each root (relative to it)."""
+    return {name for root in roots for name, _ in root.named_modules() if name}
 
 
 def prepare(
@@ -193,23 +274,43 @@ def prepare(
         model: the float model (not modified unless ``inplace``).
         backend: a ``Backend`` or its name/alias.
         example_inputs: a tensor or tuple of tensors the model's forward accepts (used for tracing checks and
-            shape propagation).
+            shape propagation). Their shapes and dtypes are recorded: calibration data must match them in every
+            dimension but the first (the batch dimension).
         qconfig: ``None`` for the backend's default, a preset name (``"w4a4"``), a preset or a full QConfig.
         mode: ``"ptq"`` (BN folded now, model in eval mode) or ``"qat"`` (BN kept and its folding simulated).
         modules: quantize only these sub-modules (qualified names, e.g. ``["backbone"]``).
-        skip: layers to leave in float: module names, module types or functions (e.g. ``["conv1", "fc"]``).
+        skip: layers to leave in float: module names (or fx node names), module types or functions (e.g.
+            ``["conv1", "fc"]``). With ``modules``, names are relative to the quantized sub-module.
         leaf_modules: module types or names that tracing must not enter (they stay float).
+            A name in ``modules``/``skip``/``leaf_modules`` that the model does not have is a ``ConfigError``
+            naming the closest ones; a single name may be passed as a string.
         concrete_args, preserved_attributes: passed to the tracer / copied onto the GraphModule.
         exact: use the division-based rounding that matches ONNX Runtime bit for bit (see docs/design.md).
     """
-    if mode not in MODES:
-        raise ConfigError(f"mode must be one of {MODES}, got {mode!r}.")
     if not isinstance(model, nn.Module):
         raise ConfigError(f"prepare() needs an nn.Module, got {type(model).__name__}.")
+    if mode not in MODES:
+        raise ConfigError(f"mode must be one of {MODES}, got {mode!r}.")
+    if not isinstance(backend, Backend | str):
+        raise ConfigError(f"backend must be a backend name (see `mq backends`) or a Backend, got {backend!r}.")
+    if qconfig is not None and not isinstance(qconfig, QConfig | QConfigPreset | str):
+        raise ConfigError(f"qconfig must be None (the backend's default), a preset name such as 'w4a4', a "
+                          f"QConfigPreset or a QConfig; got {qconfig!r}.")
+    for flag, value in (("exact", exact), ("inplace", inplace)):
+        if not isinstance(value, bool):
+            raise ConfigError(f"{flag} must be True or False, got {value!r}.")
+    if concrete_args is not None and not isinstance(concrete_args, dict):
+        raise ConfigError(f"concrete_args must be a dict of argument name -> value, got {concrete_args!r}.")
+    modules = _items(modules or [], "modules", (str,), "sub-module names")
+    skip_items = _items(skip, "skip", (str, type, Callable), "module names, module types or functions")
+    leaf_modules = _items(leaf_modules, "leaf_modules", (str, type), "module names or module types")
+    _check_names("modules", modules, _module_names([model]), "the model")
+    quantized = _module_names([model.get_submodule(name) for name in modules] or [model])
+    where = "the model" if not modules else f"the quantized sub-module(s) {', '.join(modules)} (names relative to them)"
+    _check_names("leaf_modules", (n for n in leaf_modules if isinstance(n, str)), quantized, where)
     backend = get_backend(backend)
     resolved = backend.resolve_qconfig(qconfig)
     inputs = as_inputs(example_inputs)
-    skip_items = list(skip)
     skipper = Skip.build(skip_items)
     root = model if inplace else copy.deepcopy(model)
     if mode == "ptq":
@@ -227,6 +328,10 @@ def prepare(
         result = root
     else:
         result, placements[""] = _prepare_graph(root, inputs, **common)
+    graphs = [result] if not modules else [result.get_submodule(name) for name in modules]
+    layers = quantized | {node.name for gm in graphs for node in gm.graph.nodes if node.op != "output" and not (
+        node.op == "call_module" and isinstance(gm.get_submodule(str(node.target)), FakeQuantizer))}
+    _check_names("skip", (n for n in skip_items if isinstance(n, str)), layers, where)
     result.mq_info = PrepareInfo(
         backend=backend.name,
         qconfig=resolved,
@@ -236,6 +341,9 @@ def prepare(
         leaf_modules=[object_ref(s) for s in leaf_modules],
         exact=exact,
         placements=placements,
+        preserved_attributes=list(preserved_attributes),
+        custom_backend=not _is_installed(backend),
+        inputs=_input_specs(inputs),
     )
     if isinstance(result, fx.GraphModule):
         # GraphModule.__deepcopy__ rebuilds the module from its graph and drops plain attributes such as mq_info;
@@ -246,27 +354,46 @@ def prepare(
 
 
 def object_ref(obj: Any) -> str:
-    """A skip/leaf item as plain text for ``PrepareInfo``: names stay as they are; a type or function becomes
-    ``"module:qualname"`` (a ':' never occurs in a module name), so that ``checkpoint.restore`` can import it
-    again. Recording only ``__qualname__`` ("Linear") made a restored model treat it as a module name."""
+    """A skip/leaf item (or a class given in place of a registry name) as plain text for ``PrepareInfo``: names stay
+    as they are; a type or function becomes ``"module:qualname"`` (a ':' never occurs in a module name), so that
+    ``checkpoint.restore`` can find it again. Recording only ``__qualname__`` ("Linear") made a restored model treat
+    it as a module name. What cannot be found by name again (a lambda, a class defined inside a function) becomes
+    ``NOT_IMPORTABLE`` + its repr + ``>``, which ``save_checkpoint`` refuses."""
     if isinstance(obj, str):
         return obj
     module = getattr(obj, "__module__", None)
     for attr in ("__qualname__", "__name__"):
         name = getattr(obj, attr, None)
-        if module and name and resolve_ref(f"{module}:{name}") is obj:
+        if module and name and resolve_ref(f"{module}:{name}", allow_import=False) is obj:
             return f"{module}:{name}"
-    return repr(obj)
+    return f"{NOT_IMPORTABLE}{obj!r}>"
 
 
-def resolve_ref(ref: str) -> Any:
-    """The type or function named by ``object_ref``'s ``"module:qualname"``; None when it cannot be imported."""
+#: Prefix of ``object_ref``'s text for an object that cannot be found by name again.
+NOT_IMPORTABLE = "<not importable: "
+
+
+def resolve_ref(ref: str, *, allow_import: bool = True) -> Any:
+    """The object named by ``object_ref``'s ``"module:qualname"``; None when it cannot be found.
+
+    ``allow_import=False`` is for references read from a file nobody vouched for: importing a module runs its
+    top-level code, so the module must already be imported, and the attribute path is read with
+    ``inspect.getattr_static`` (no module ``__getattr__``, property or metaclass hook runs). Nothing is called.
+    """
     module_name, _, qualname = ref.partition(":")
     try:
-        obj: Any = importlib.import_module(module_name)
+        if allow_import:
+            obj: Any = importlib.import_module(module_name)
+            for part in qualname.split("."):
+                obj = getattr(obj, part)
+            return obj
+        obj = sys.modules.get(module_name)
+        if obj is None:
+            return None
         for part in qualname.split("."):
-            obj = getattr(obj, part)
-    except (ImportError, AttributeError, ValueError):
+            obj = inspect.getattr_static(obj, part)
+    except Exception as exc:  # any import failure of a named module (ImportError, SyntaxError, raising at import)
+        log.debug("cannot resolve %r: %s: %s", ref, type(exc).__name__, exc)
         return None
     return obj
 

@@ -8,15 +8,13 @@ the model with quantization enabled, so it exports like any other.
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import typing
-from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from torch import nn
 
-from mq_core.calibration import quantizers
+from mq_core.calibration import iter_batches, model_inputs, quantizers
 from mq_core.errors import CalibrationError, ConfigError
 from mq_core.plugins.lookup import get_ptq_method
 from mq_core.prepare import prepare_info
@@ -80,7 +78,7 @@ def _coerce(method: str, key: str, value: Any, hint: Any) -> Any:
 def ptq(
     qmodel: nn.Module,
     method: str | PTQMethod,
-    data: Iterable[Any],
+    data: Any,
     config: Any = None,
     *,
     num_batches: int | None = None,
@@ -91,7 +89,9 @@ def ptq(
 
     Args:
         method: a name (``"adaround"``, ``"brecq"``, ``"qdrop"``) or a PTQMethod.
-        data: calibration batches (tensors, (inputs, target) tuples or dicts), like ``mq.calibrate``.
+        data: calibration data, by ``mq.calibrate``'s rule (``mq_core.calibration.iter_batches``): a tensor
+            ``[N, ...]`` of samples, a Dataset, a DataLoader or an iterable of batches (mq-algos'
+            methods use every sample, so how a tensor is split into batches does not matter to them).
         config: the method's ``Config``; or pass its fields as keyword ``overrides``.
         num_batches: use at most this many batches.
     """
@@ -104,8 +104,10 @@ def ptq(
             f"{chosen.name} runs after calibration, but {len(missing)} quantizer(s) are uncalibrated "
             f"({', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}). Run mq.calibrate(qmodel, data) first."
         )
-    batches = list(itertools.islice(iter(data), num_batches) if num_batches is not None else data)
+    batches = list(iter_batches(data, num_batches))
     if not batches:
         raise CalibrationError(f"{chosen.name} needs calibration data; the data given is empty.")
+    for index, batch in enumerate(batches, 1):
+        model_inputs(qmodel, batch, index=index)  # wrong shapes fail here, not deep inside the method
     chosen.apply(qmodel, batches, cfg, progress)
     return qmodel

@@ -10,12 +10,11 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import onnx
 import torch
 from torch import nn
@@ -23,30 +22,39 @@ from tqdm.auto import tqdm
 
 from mq_core.calibration import calibrate
 from mq_core.checkpoint import save_checkpoint
-from mq_core.errors import CalibrationError, MQError
+from mq_core.errors import CalibrationError, MQError, VerificationError
 from mq_core.export import ExportResult, export_many
+from mq_core.export.exporter import is_export_folder
+from mq_core.io import check_replaceable, check_writable, staged_directory
 from mq_core.plugins.lookup import get_backend, get_exporter, get_runtime
 from mq_core.prepare import prepare
 from mq_core.ptq import ptq
-from mq_core.verify import VerificationReport, verify
+from mq_core.runtimes import isolation
+from mq_core.verify import VerificationReport, feeds, verify
 
 log = logging.getLogger(__name__)
 
 EvalFn = Callable[[nn.Module], float]
+#: The prepared model's checkpoint in each backend folder, beside one folder per exporter.
+CHECKPOINT = "qmodel.pt"
+#: What a run may replace (see ``mq_core.io.check_replaceable``).
+BACKEND_FOLDER = "a backend folder of `mq quantize` (no qmodel.pt or export written by mq)"
 
 
 class RuntimeModule(nn.Module):
-    """An exported artifact running in a real runtime, callable like the model (for accuracy functions)."""
+    """An exported artifact running in a real runtime, callable like the model (for accuracy functions).
+
+    The runtime runs in its worker process (``mq_core.runtimes.isolation``): a crash raises ``RuntimeCrashError``
+    instead of ending the caller. Inputs keep their dtypes (as the graph declares them)."""
 
     def __init__(self, runtime: Any, model: onnx.ModelProto) -> None:
         super().__init__()
         self.runtime = runtime
         self.model = model
-        self.names = [i.name for i in model.graph.input]
 
     def forward(self, *inputs: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
-        feeds = {n: t.detach().float().numpy() for n, t in zip(self.names, inputs)}
-        outputs = [torch.from_numpy(np.asarray(o)) for o in self.runtime.run(self.model, feeds)]
+        given = feeds(self.model, inputs)
+        outputs = [torch.from_numpy(o) for o in isolation.run(self.runtime, self.model, given, "the exported model")]
         return outputs[0] if len(outputs) == 1 else tuple(outputs)
 
 
@@ -132,15 +140,52 @@ def _deployed_accuracy(outcome: BackendOutcome, eval_fn: EvalFn) -> None:
             continue
         for runnable in runnables:
             if runtime.available() and runtime.can_run(runnable.model):
-                outcome.deployed_accuracy = float(eval_fn(RuntimeModule(runtime, runnable.model)))
+                try:
+                    outcome.deployed_accuracy = float(eval_fn(RuntimeModule(runtime, runnable.model)))
+                except VerificationError as exc:  # the runtime crashed or raised on it: try the next runtime
+                    log.warning("no deployed accuracy from %s: %s", runtime.name, exc)
+                    continue
                 outcome.deployed_runtime = runtime.name
                 return
+
+
+def _first_batch(calib: Iterable[Any]) -> Any:
+    """The first batch (traced and exported as the example). ``calib`` is gone over again from the start for
+    calibration, PTQ and each backend, so it must be re-iterable (a list, a DataLoader, the CLI's lazy
+    ``CalibrationBatches``); a one-shot iterator would silently lose data and is refused."""
+    if isinstance(calib, Iterator):
+        raise CalibrationError("calibration data is a one-shot iterator (a generator?), but it is read more than "
+                               "once; pass a list of batches, a DataLoader or another re-iterable object.")
+    for batch in calib:
+        return batch
+    raise CalibrationError("no calibration data: pass a non-empty --calib (a tensor file, an image folder or a "
+                           "loader factory).")
+
+
+def is_backend_folder(path: Path) -> bool:
+    """Whether ``path`` is a backend folder ``mq quantize`` wrote: a checkpoint, or an mq export inside it."""
+    return (path / CHECKPOINT).is_file() or any(is_export_folder(p) for p in path.iterdir() if p.is_dir())
+
+
+def write_outputs(qmodel: nn.Module, example: tuple[torch.Tensor, ...], folder: Path, model_ref: str | None
+                  ) -> tuple[Path, dict[str, ExportResult]]:
+    """Write the checkpoint and every exporter's folder into ``folder`` as one unit.
+
+    They are built together in a staging folder and swapped in with one rename (``mq_core.io.staged_directory``),
+    so whenever the process dies, ``folder`` holds either the previous run's checkpoint and exports or this run's,
+    never a checkpoint beside exports made from another one (nor exports of an earlier run that this one no
+    longer writes).
+    """
+    with staged_directory(folder, owned=is_backend_folder, what=BACKEND_FOLDER) as stage:
+        save_checkpoint(qmodel, stage / CHECKPOINT, example, model_ref=model_ref)
+        results = export_many(qmodel, example, stage)
+    return folder / CHECKPOINT, {name: result.moved_to(folder / name) for name, result in results.items()}
 
 
 def quantize_for_backend(
     model: nn.Module,
     backend: str,
-    calib: Sequence[Any],
+    calib: Iterable[Any],
     out_dir: Path,
     *,
     qconfig: str | None = None,
@@ -152,12 +197,17 @@ def quantize_for_backend(
     prepare_options: dict[str, Any] | None = None,
     progress: bool = True,
 ) -> BackendOutcome:
-    """Prepare, calibrate, optionally PTQ, export with all the backend's exporters, verify and evaluate."""
+    """Prepare, calibrate, optionally PTQ, export with all the backend's exporters, verify and evaluate.
+
+    ``out_dir/<backend>/`` receives the checkpoint (``qmodel.pt``) and one folder per exporter, replacing that
+    backend folder of an earlier run as a whole (see ``write_outputs``).
+    """
     resolved = get_backend(backend)
     outcome = BackendOutcome(resolved.name, method=method)
-    first = calib[0]
+    first = _first_batch(calib)
     example = (first,) if isinstance(first, torch.Tensor) else tuple(first[:1])
     folder = out_dir / resolved.name
+    check_replaceable(folder, owned=is_backend_folder, what=BACKEND_FOLDER)  # now, not after calibrating
     names = ["prepare", "calibrate", *(["ptq"] if method else []), "export", "verify",
              *(["evaluate (simulation)", "evaluate (runtime)"] if eval_fn is not None else [])]
     stages = _Stages(resolved.name, names, outcome.timings, progress)
@@ -168,8 +218,8 @@ def quantize_for_backend(
         stages.run("calibrate", lambda: calibrate(qmodel, calib, progress=progress))
         if method:
             stages.run("ptq", lambda: ptq(qmodel, method, calib, progress=progress, **(method_options or {})))
-        outcome.checkpoint = save_checkpoint(qmodel, folder / "qmodel.pt", example, model_ref=model_ref)
-        outcome.results = stages.run("export", lambda: export_many(qmodel, example, folder))
+        outcome.checkpoint, outcome.results = stages.run(
+            "export", lambda: write_outputs(qmodel, example, folder, model_ref))
         inputs = verify_inputs or example
         outcome.reports = stages.run("verify", lambda: {
             name: verify(result, inputs) for name, result in outcome.results.items()})
@@ -184,7 +234,7 @@ def quantize_for_backend(
 def quantize_for_backends(
     model: nn.Module,
     backends: Sequence[str],
-    calib: Sequence[Any],
+    calib: Iterable[Any],
     out_dir: str | Path,
     *,
     eval_fn: EvalFn | None = None,
@@ -192,10 +242,8 @@ def quantize_for_backends(
     **options: Any,
 ) -> QuantizeSummary:
     """``quantize_for_backend`` for each backend; with ``keep_going`` one backend's error does not stop the rest."""
-    if not calib:
-        raise CalibrationError("no calibration data: pass a non-empty --calib (a tensor file, an image folder or a "
-                               "loader factory).")
-    out = Path(out_dir)
+    _first_batch(calib)  # an empty source fails before the float model is evaluated
+    out = check_writable(out_dir)  # a read-only --out fails now, not after minutes of calibration
     float_accuracy = float(eval_fn(model)) if eval_fn is not None else None
     outcomes = []
     for name in backends:

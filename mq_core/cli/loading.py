@@ -1,15 +1,21 @@
 """Loading what users point the CLI at: ``pkg.module:callable`` references, weights, tensor files, image folders.
 
 Every failure is an ``MQError`` that says what was wrong with the reference and what a correct one looks like.
+Calibration data is streamed: ``calibration_batches`` reads a tensor file through a memory map, an image folder
+one batch of files at a time, and a loader factory batch by batch, so a large data set is never one tensor in
+memory and an endless loader works with ``--num-batches``.
 """
 
 from __future__ import annotations
 
 import importlib
+import itertools
 import json
 import os
 import sys
-from collections.abc import Callable
+import traceback
+import zipfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +23,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from mq_core.errors import ConfigError
+from mq_core.calibration import iter_batches
+from mq_core.errors import ConfigError, MQError, describe_exception
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
 
@@ -34,6 +41,29 @@ def parse_key_value(text: str, what: str) -> tuple[str, Any]:
         return key, value
 
 
+def _import_module(ref: str, module_name: str, what: str) -> Any:
+    """Import the user's module; whatever goes wrong in it (syntax, a failing import, an exception raised at import
+    time) is reported with the file and line, instead of a traceback."""
+    try:
+        return importlib.import_module(module_name)
+    except SyntaxError as exc:  # also IndentationError: the file and line are in the exception itself
+        raise ConfigError(
+            f"--{what} {ref!r}: module {module_name!r} has a syntax error at {exc.filename}, line {exc.lineno}: "
+            f"{exc.msg}. Fix the file and run again."
+        ) from exc
+    except ImportError as exc:
+        raise ConfigError(
+            f"--{what} {ref!r}: cannot import module {module_name!r} ({exc}). Check the module path and that its "
+            "package is installed or in the current directory."
+        ) from exc
+    except Exception as exc:
+        frame = traceback.extract_tb(exc.__traceback__)[-1]
+        raise ConfigError(
+            f"--{what} {ref!r}: importing module {module_name!r} raised {describe_exception(exc)} (at "
+            f"{frame.filename}, line {frame.lineno}). Fix the module so that importing it succeeds."
+        ) from exc
+
+
 def load_object(ref: str, what: str) -> Any:
     """Resolve ``pkg.module:attr`` (the current directory is importable, as with ``python -m``)."""
     module_name, sep, attr = ref.partition(":")
@@ -41,14 +71,7 @@ def load_object(ref: str, what: str) -> Any:
         raise ConfigError(f"--{what} must look like 'package.module:name' (e.g. 'mymodels.resnet:build'), got {ref!r}.")
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise ConfigError(
-            f"--{what} {ref!r}: cannot import module {module_name!r} ({exc}). Check the module path and that its "
-            "package is installed or in the current directory."
-        ) from exc
-    obj = module
+    obj = _import_module(ref, module_name, what)
     for part in attr.split("."):
         if not hasattr(obj, part):
             raise ConfigError(f"--{what} {ref!r}: module {module_name!r} has no attribute {attr!r}.")
@@ -64,7 +87,7 @@ def build_model(ref: str, weights: str | None = None) -> nn.Module:
     try:
         model = factory()
     except Exception as exc:
-        raise ConfigError(f"--model {ref!r} raised when called with no arguments: {type(exc).__name__}: {exc}") from exc
+        raise ConfigError(f"--model {ref!r} raised when called with no arguments: {describe_exception(exc)}") from exc
     if not isinstance(model, nn.Module):
         raise ConfigError(f"--model {ref!r} returned {type(model).__name__}, not a torch.nn.Module.")
     if weights:
@@ -76,68 +99,180 @@ def build_model(ref: str, weights: str | None = None) -> nn.Module:
         try:
             model.load_state_dict(state)
         except RuntimeError as exc:
-            raise ConfigError(f"--weights {weights} does not fit the model from --model {ref}: {exc}") from exc
+            raise ConfigError(
+                f"--weights {weights} does not fit the model from --model {ref}: {describe_exception(exc)}"
+            ) from exc
     return model.eval()
 
 
-def load_tensor_file(path: str, what: str = "calib") -> Any:
-    """A ``.pt``/``.pth`` file (``torch.load(weights_only=True)``) or a ``.npy`` array (as a float tensor)."""
+def _read_npy(file: Path, what: str, mmap: bool) -> np.ndarray:
+    """A numeric ``.npy`` array, never unpickled; with ``mmap`` its data stays on disk until a slice is read."""
+    try:
+        array = np.load(file, mmap_mode="r" if mmap else None, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as exc:
+        raise ConfigError(
+            f"--{what} {file} is not a readable .npy array ({describe_exception(exc)}). Save a numeric array with "
+            "numpy.save (object arrays are refused: reading them would unpickle code)."
+        ) from exc
+    if array.dtype.kind not in "biuf":
+        raise ConfigError(f"--{what} {file} holds an array of dtype {array.dtype}; save numbers (bool, int or float).")
+    return array
+
+
+def _torch_load(file: Path, what: str, mmap: bool) -> Any:
+    try:  # torch can memory-map only its zip format; older files are read whole
+        return torch.load(file, map_location="cpu", weights_only=True, mmap=mmap and zipfile.is_zipfile(file))
+    except Exception as exc:
+        raise ConfigError(
+            f"--{what} {file} cannot be loaded with torch.load(weights_only=True): {describe_exception(exc)}. Save "
+            "plain tensors or state dicts (torch.save(tensor, path))."
+        ) from exc
+
+
+def _existing_file(path: str, what: str) -> Path:
     file = Path(path)
     if not file.is_file():
         raise ConfigError(f"--{what} {path}: no such file.")
+    if file.suffix not in (".npy", ".pt", ".pth"):
+        raise ConfigError(f"--{what} {path}: unsupported file type {file.suffix!r}; use .pt, .pth or .npy.")
+    return file
+
+
+def load_tensor_file(path: str, what: str = "calib") -> Any:
+    """A ``.pt``/``.pth`` file (``torch.load(weights_only=True)``) or a ``.npy`` array (as a tensor)."""
+    file = _existing_file(path, what)
     if file.suffix == ".npy":
-        return torch.from_numpy(np.load(file, allow_pickle=False))
-    if file.suffix in (".pt", ".pth"):
-        try:
-            return torch.load(file, map_location="cpu", weights_only=True)
-        except Exception as exc:
-            raise ConfigError(
-                f"--{what} {path} cannot be loaded with torch.load(weights_only=True): {exc}. Save plain tensors or "
-                "state dicts (torch.save(tensor, path))."
-            ) from exc
-    raise ConfigError(f"--{what} {path}: unsupported file type {file.suffix!r}; use .pt, .pth or .npy.")
+        return torch.from_numpy(_read_npy(file, what, mmap=False))
+    return _torch_load(file, what, mmap=False)
 
 
-def load_images(folder: Path, size: int, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
-    """Images of a folder as one [N, 3, size, size] batch: RGB, resized (shorter side) and center-cropped to
-    ``size``, scaled to [0, 1], then normalized with ``mean``/``std`` (ImageNet's by default)."""
+class CalibrationBatches:
+    """``--calib`` data: an iterable of batches that can be iterated again, reading lazily.
+
+    ``mq quantize`` goes over the data more than once (the first batch for tracing, calibration, a PTQ method, every
+    backend), so each ``iter()`` is a new pass that re-opens the source through ``open_pass``; at most
+    ``num_batches`` batches are taken per pass, which is what makes an endless loader usable.
+    """
+
+    def __init__(self, open_pass: Callable[[], Iterator[Any]], num_batches: int | None = None) -> None:
+        self.open_pass = open_pass
+        self.num_batches = num_batches
+
+    def __iter__(self) -> Iterator[Any]:
+        batches = self.open_pass()
+        return batches if self.num_batches is None else itertools.islice(batches, self.num_batches)
+
+
+def _tensor_batches(data: torch.Tensor | np.ndarray, batch_size: int) -> Iterator[torch.Tensor]:
+    """Slices of ``data`` along its first dimension, each converted to float32 only when it is taken."""
+    for start in range(0, len(data), batch_size):
+        chunk = data[start:start + batch_size]
+        yield torch.from_numpy(np.array(chunk, dtype=np.float32)) if isinstance(chunk, np.ndarray) else chunk.float()
+
+
+def _checked_tensor(source: str, data: torch.Tensor | np.ndarray) -> torch.Tensor | np.ndarray:
+    if data.ndim == 0:
+        raise ConfigError(f"--calib {source} holds a single number (a 0-d tensor); save a tensor [N, ...] with the "
+                          "samples along the first dimension.")
+    if 0 in data.shape:
+        raise ConfigError(f"--calib {source} holds an empty tensor of shape {list(data.shape)}.")
+    return data
+
+
+def _read_image(file: Path, size: int) -> torch.Tensor:
+    """One image as a [3, size, size] float tensor in [0, 1]: RGB, shorter side resized to ``size``, center crop."""
+    from PIL import Image
+
     try:
-        from PIL import Image
-    except ImportError as exc:
-        raise ConfigError("reading an image folder needs Pillow: pip install pillow") from exc
-    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
-    if not files:
-        raise ConfigError(f"--calib {folder}: no images ({', '.join(IMAGE_SUFFIXES)}) found.")
-    out = []
-    for f in files:
-        img = Image.open(f).convert("RGB")
-        scale = size / min(img.size)
-        img = img.resize((max(size, round(img.width * scale)), max(size, round(img.height * scale))))
-        left, top = (img.width - size) // 2, (img.height - size) // 2
-        img = img.crop((left, top, left + size, top + size))
-        out.append(torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1))
-    batch = torch.stack(out)
+        with Image.open(file) as opened:
+            img = opened.convert("RGB")
+    except Exception as exc:  # PIL raises OSError, ValueError, DecompressionBombError ... for a bad file
+        raise ConfigError(f"--calib: cannot read image {file} ({describe_exception(exc)}); remove or fix it.") from exc
+    scale = size / min(img.size)
+    img = img.resize((max(size, round(img.width * scale)), max(size, round(img.height * scale))))
+    left, top = (img.width - size) // 2, (img.height - size) // 2
+    img = img.crop((left, top, left + size, top + size))
+    return torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1)
+
+
+def _image_batches(files: list[Path], batch_size: int, size: int, mean: tuple[float, ...],
+                   std: tuple[float, ...]) -> Iterator[torch.Tensor]:
+    """[B, 3, size, size] batches normalized with ``mean``/``std``, decoding only the files of the batch taken."""
     m = torch.tensor(mean).reshape(1, -1, 1, 1)
     s = torch.tensor(std).reshape(1, -1, 1, 1)
-    return (batch - m) / s
+    for start in range(0, len(files), batch_size):
+        batch = torch.stack([_read_image(f, size) for f in files[start:start + batch_size]])
+        yield (batch - m) / s
+
+
+def image_files(folder: Path) -> list[Path]:
+    """The images of ``folder`` and its sub-folders, in a stable order; an error when there are none."""
+    try:
+        import PIL  # noqa: F401
+    except ImportError as exc:
+        raise ConfigError("reading an image folder needs Pillow: pip install pillow") from exc
+    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    if not files:
+        raise ConfigError(f"--calib {folder}: no images ({', '.join(IMAGE_SUFFIXES)}) found.")
+    return files
+
+
+def _loader_passes(source: str, obj: Any, batch_size: int) -> Callable[[], Iterator[Any]]:
+    """Passes over a ``pkg.module:name`` source, read by ``mq.calibration.iter_batches`` (a tensor is split into
+    batches, a Dataset batched, any other iterable taken batch by batch; an error while reading names the batch).
+    The factory is called once, now, and its result checked, so its errors come before any model work; when it
+    returns a one-shot iterator (a generator), each later pass calls it again."""
+    if not callable(obj) and isinstance(obj, Iterator):
+        raise ConfigError(f"--calib {source} is an iterator that can be read only once, but mq reads calibration data "
+                          "more than once; point --calib at a function that returns it.")
+
+    def load() -> Any:
+        if not callable(obj):
+            return obj
+        try:
+            return obj()
+        except MQError:
+            raise
+        except Exception as exc:
+            raise ConfigError(
+                f"--calib {source} raised when called with no arguments: {describe_exception(exc)}"
+            ) from exc
+
+    data = load()
+    pending = [iter_batches(data, batch_size=batch_size)]
+
+    def open_pass() -> Iterator[Any]:
+        if pending:
+            return pending.pop()
+        return iter_batches(load() if isinstance(data, Iterator) else data, batch_size=batch_size)
+
+    return open_pass
 
 
 def calibration_batches(source: str, batch_size: int, image_size: int = 224,
                         mean: tuple[float, ...] = (0.485, 0.456, 0.406),
-                        std: tuple[float, ...] = (0.229, 0.224, 0.225)) -> list[Any]:
-    """``--calib``: a tensor file (split into batches), an image folder, or ``pkg.module:loader_factory``."""
+                        std: tuple[float, ...] = (0.229, 0.224, 0.225),
+                        num_batches: int | None = None) -> CalibrationBatches:
+    """``--calib``: a tensor file (split into batches), an image folder, or ``pkg.module:loader_factory``, as a
+    lazy, re-iterable ``CalibrationBatches`` of at most ``num_batches`` batches per pass.
+
+    Everything that can be checked without reading the data (the file exists and holds numbers, the folder has
+    images, the factory runs) is checked now.
+    """
+    if not source:
+        raise ConfigError("--calib is empty; pass a .pt/.npy tensor file, a folder of images or 'pkg.module:factory'.")
     path = Path(source)
     if path.is_dir():
-        return list(load_images(path, image_size, mean, std).split(batch_size))
+        files = image_files(path)
+        return CalibrationBatches(lambda: _image_batches(files, batch_size, image_size, mean, std), num_batches)
     if ":" in source and not path.exists():
-        factory: Callable[[], Any] = load_object(source, "calib")
-        data = factory() if callable(factory) else factory
-        return list(data)
-    data = load_tensor_file(source)
-    if isinstance(data, torch.Tensor):
-        if data.numel() == 0:
-            raise ConfigError(f"--calib {source} holds an empty tensor.")
-        return list(data.float().split(batch_size))
-    if isinstance(data, (list, tuple)):
-        return list(data)
-    raise ConfigError(f"--calib {source} holds a {type(data).__name__}; save a tensor [N, ...] or a list of batches.")
+        return CalibrationBatches(_loader_passes(source, load_object(source, "calib"), batch_size), num_batches)
+    file = _existing_file(source, "calib")
+    data = _read_npy(file, "calib", mmap=True) if file.suffix == ".npy" else _torch_load(file, "calib", mmap=True)
+    if isinstance(data, (torch.Tensor, np.ndarray)):
+        tensor = _checked_tensor(source, data)
+        return CalibrationBatches(lambda: _tensor_batches(tensor, batch_size), num_batches)
+    if isinstance(data, (list, tuple)) and data:
+        return CalibrationBatches(lambda: iter_batches(data), num_batches)
+    raise ConfigError(f"--calib {source} holds a {type(data).__name__}; save a tensor [N, ...] or a non-empty list "
+                      "of batches.")

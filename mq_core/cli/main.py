@@ -22,7 +22,11 @@ from mq_core.plugins.manager import get_manager
 
 
 class MQGroup(click.Group):
-    """Root group: loads plugin sub-commands on first use and reports MQError without a traceback."""
+    """Root group: loads plugin sub-commands on first use and reports MQError without a traceback.
+
+    Plugins only add commands: one that would replace or remove a core command is refused by the plugin manager
+    (``PluginManager.add_commands``), so ``mq verify`` is always mq's own.
+    """
 
     _plugin_commands_loaded = False
 

@@ -8,8 +8,10 @@ win over the file.
 from __future__ import annotations
 
 import json
+import math
+import numbers
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -19,9 +21,9 @@ from torch import nn
 
 from mq_core.cli.loading import build_model, calibration_batches, load_object, parse_key_value
 from mq_core.cli.table import render_table
-from mq_core.errors import ConfigError
+from mq_core.errors import ConfigError, MQError, describe_exception
 from mq_core.plugins.lookup import get_ptq_method, list_backends
-from mq_core.workflow import QuantizeSummary, quantize_for_backends
+from mq_core.workflow import QuantizeSummary, RuntimeModule, quantize_for_backends
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -33,11 +35,20 @@ DEMO_MODEL_REF = "mq_core.demo.digits:DigitsCNN"
 #: Keys a --config TOML file may hold (the long option names, with - or _).
 CONFIG_KEYS = {"model", "weights", "calib", "eval", "backend", "qconfig", "method", "method_options", "out",
                "batch_size", "num_batches", "image_size", "module", "skip", "leaf_module", "quiet"}
+#: The TOML value types an option's click type takes besides a string (which is converted as on the command line).
+_NATIVE_TYPES: tuple[tuple[type[click.ParamType], type | tuple[type, ...], str], ...] = (
+    (click.types.BoolParamType, bool, "true or false"),
+    (click.types.IntParamType, int, "an integer"),
+    (click.types.FloatParamType, (int, float), "a number"),
+)
 
 
 def _read_config(path: str) -> dict[str, Any]:
     try:
-        data = tomllib.loads(Path(path).read_text())
+        data = tomllib.loads(Path(path).read_bytes().decode("utf-8-sig"))
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"--config {path} is not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset "
+                          f"{exc.start}); TOML files must be UTF-8, save it in that encoding.") from exc
     except (OSError, tomllib.TOMLDecodeError) as exc:
         raise ConfigError(f"--config {path}: cannot read it as TOML ({exc}).") from exc
     if "quantize" in data:  # keys sit either at the top level or under [quantize], not both
@@ -47,9 +58,7 @@ def _read_config(path: str) -> dict[str, Any]:
                               "them under it (method options as a [quantize.method_options] table).")
         data = data["quantize"]
     config = {k.replace("-", "_"): v for k, v in data.items()}
-    if "eval" in config:
-        config["eval_ref"] = config.pop("eval")
-    unknown = sorted(set(config) - CONFIG_KEYS - {"eval_ref"})
+    unknown = sorted(set(config) - CONFIG_KEYS)
     if unknown:
         raise ConfigError(f"--config {path}: unknown key(s) {unknown}; valid keys are {sorted(CONFIG_KEYS)}.")
     if not isinstance(config.get("method_options", {}), dict):
@@ -58,14 +67,53 @@ def _read_config(path: str) -> dict[str, Any]:
     return config
 
 
+def _toml(value: Any) -> str:
+    """A value as it would be written in TOML (near enough: JSON), for error messages."""
+    return json.dumps(value, default=str)
+
+
+def _config_item(ctx: click.Context, option: click.Option, path: str, key: str, value: Any) -> Any:
+    """One TOML value through the option's own click type, so the file is checked exactly like the flag: a string
+    is converted as if typed on the command line, any other value must already be of the option's type."""
+    native, wanted = next(((t, w) for cls, t, w in _NATIVE_TYPES if isinstance(option.type, cls)), (str, "a string"))
+    if not isinstance(value, (str, native)) or (isinstance(value, bool) and native is not bool):
+        raise ConfigError(f"--config {path}: {key} = {_toml(value)} must be {wanted} (it sets {option.opts[0]}).")
+    try:
+        return option.type.convert(value, option, ctx)
+    except click.BadParameter as exc:
+        raise ConfigError(f"--config {path}: {key} = {_toml(value)} is not valid for {option.opts[0]}: "
+                          f"{exc.message}") from exc
+
+
+def _config_value(ctx: click.Context, option: click.Option, path: str, key: str, value: Any) -> Any:
+    if not option.multiple:
+        if isinstance(value, (list, dict)):
+            raise ConfigError(f"--config {path}: {key} = {_toml(value)} must be a single value (it sets "
+                              f"{option.opts[0]}).")
+        return _config_item(ctx, option, path, key, value)
+    if isinstance(value, str):  # skip = "fc" means ["fc"], as one --skip fc does
+        return (_config_item(ctx, option, path, key, value),)
+    if not isinstance(value, list):
+        raise ConfigError(f"--config {path}: {key} = {_toml(value)} must be a string or a list of strings (it sets "
+                          f"{option.opts[0]}, which is repeatable).")
+    return tuple(_config_item(ctx, option, path, f"{key}[{i}]", item) for i, item in enumerate(value))
+
+
 def _merge(ctx: click.Context, params: dict[str, Any]) -> dict[str, Any]:
-    """Command-line values win; then the config file; then the defaults."""
-    config = _read_config(params["config"]) if params.get("config") else {}
+    """Command-line values win; then the config file; then the defaults. Every value in the file is validated,
+    also one a flag overrides."""
+    path = params.get("config")
+    config = _read_config(path) if path else {}
+    by_flag = {flag: p for p in ctx.command.params if isinstance(p, click.Option) for flag in p.opts}
     merged = dict(params)
     for key, value in config.items():
-        source = ctx.get_parameter_source(key)
+        option = by_flag.get("--" + key.replace("_", "-"))  # None for method_options, a table of its own
+        name = key if option is None else str(option.name)  # eval sets --eval, whose parameter is eval_ref
+        if option is not None:
+            value = _config_value(ctx, option, path, key, value)
+        source = ctx.get_parameter_source(name)
         if source is None or source.name in ("DEFAULT", "DEFAULT_MAP"):
-            merged[key] = tuple(value) if isinstance(value, list) else value
+            merged[name] = value
     return merged
 
 
@@ -78,13 +126,36 @@ def _demo(progress: bool) -> tuple[nn.Module, list[Any], Callable[[nn.Module], f
             (data.x_test[:64],))
 
 
+def _evaluated(model: nn.Module) -> str:
+    if isinstance(model, RuntimeModule):
+        return f"the exported artifact running in {model.runtime.name}"
+    return "the quantized simulation" if hasattr(model, "mq_info") else "the float model"
+
+
 def _eval_function(ref: str | None) -> Callable[[nn.Module], float] | None:
-    if not ref:
+    """The user's accuracy function, checked on every call: an exception it raises, or a result that is not a
+    finite number (NaN included: an accuracy is never NaN, so it is a bug in the function), is a ConfigError."""
+    if ref is None:
         return None
     fn = load_object(ref, "eval")
     if not callable(fn):
         raise ConfigError(f"--eval {ref!r} is not callable; it must be a function taking the model, returning a float.")
-    return fn
+
+    def evaluate(model: nn.Module) -> float:
+        try:
+            value = fn(model)
+        except MQError:
+            raise
+        except Exception as exc:
+            raise ConfigError(f"--eval {ref!r} raised on {_evaluated(model)}: {describe_exception(exc)}") from exc
+        if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_complex():
+            value = value.item()
+        if not isinstance(value, numbers.Real) or isinstance(value, bool) or not math.isfinite(value):
+            raise ConfigError(f"--eval {ref!r} returned {value!r:.80} ({type(value).__name__}) on "
+                              f"{_evaluated(model)}; it must return the accuracy as a finite number (percent).")
+        return float(value)
+
+    return evaluate
 
 
 def _fmt(value: float | None) -> str:
@@ -158,9 +229,12 @@ def _summary_json(summary: QuantizeSummary) -> dict[str, Any]:
               help="PTQ method option key=value, e.g. iterations=500 (repeatable; see docs/algorithms.md).")
 @click.option("--out", default="mq-out", show_default=True, type=click.Path(file_okay=False),
               help="Output folder (one sub-folder per backend).")
-@click.option("--batch-size", default=32, show_default=True, help="Batch size for tensor/image calibration data.")
-@click.option("--num-batches", type=int, help="Use at most this many calibration batches.")
-@click.option("--image-size", default=224, show_default=True, help="Side of images read from a --calib folder.")
+@click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1),
+              help="Batch size for tensor/image calibration data.")
+@click.option("--num-batches", type=click.IntRange(min=1),
+              help="Use at most this many calibration batches (needed for an endless loader).")
+@click.option("--image-size", default=224, show_default=True, type=click.IntRange(min=1),
+              help="Side of images read from a --calib folder.")
 @click.option("--module", multiple=True, help="Quantize only this sub-module (repeatable).")
 @click.option("--skip", multiple=True, help="Leave this layer in float (module name; repeatable).")
 @click.option("--leaf-module", multiple=True, help="Do not trace into this module (name; repeatable).")
@@ -182,19 +256,25 @@ def quantize_command(ctx: click.Context, **params: Any) -> None:
                           "method they are for (adaround, brecq or qdrop).")
     if p["method"]:  # unknown methods and bad options fail now, not after training the model and calibrating
         get_ptq_method(p["method"]).make_config(**method_options)
-    if p["model"]:
-        if not p["calib"]:
+    calib: Iterable[Any]
+    if p["model"] is not None:
+        if p["calib"] is None:
             raise ConfigError("missing calibration data: with --model, pass --calib (a .pt/.npy tensor file, a "
                               "folder of images, or 'pkg.module:loader_factory').")
         model = build_model(p["model"], p["weights"])
-        calib = calibration_batches(p["calib"], p["batch_size"], p["image_size"])
+        calib = calibration_batches(p["calib"], p["batch_size"], p["image_size"], num_batches=p["num_batches"])
         eval_fn, verify_inputs = _eval_function(p["eval_ref"]), None
         title, model_ref = f"mq quantize: {p['model']}", p["model"]
     else:
-        model, calib, eval_fn, verify_inputs = _demo(progress)
+        given = [flag for key, flag in (("calib", "--calib"), ("weights", "--weights"), ("eval_ref", "--eval"))
+                 if p[key] is not None]
+        if given:
+            raise ConfigError(f"{', '.join(given)} given without --model: without --model mq runs the built-in demo, "
+                              "which uses its own weights, data and accuracy function and would ignore them. Pass "
+                              "--model pkg.module:factory for your model, or leave them out to run the demo.")
+        model, demo_batches, eval_fn, verify_inputs = _demo(progress)
+        calib = demo_batches[: p["num_batches"]]
         title, model_ref = "mq quantize: built-in demo (DigitsCNN on scikit-learn digits)", DEMO_MODEL_REF
-    if p["num_batches"]:
-        calib = calib[: p["num_batches"]]
     backends = list_backends() if p["backend"] == "all" else [p["backend"]]
     summary = quantize_for_backends(
         model, backends, calib, p["out"], eval_fn=eval_fn, keep_going=p["backend"] == "all",

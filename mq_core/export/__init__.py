@@ -21,8 +21,9 @@ from mq_core.export.exporter import (
     ExportResult,
     Runnable,
     build_manifest,
+    is_export_folder,
 )
-from mq_core.io import atomic_write_text, staged_directory
+from mq_core.io import atomic_write_text, check_replaceable, check_writable, staged_directory
 from mq_core.plugins.lookup import get_backend, get_entry, get_exporter
 from mq_core.prepare import as_inputs, prepare_info
 
@@ -36,6 +37,17 @@ def _input_specs(model: onnx.ModelProto) -> list[dict[str, Any]]:
         specs.append({"name": value.name, "shape": dims,
                       "dtype": onnx.helper.tensor_dtype_to_np_dtype(value.type.tensor_type.elem_type).name})
     return specs
+
+
+#: What an export may replace (see ``mq_core.io.check_replaceable``).
+EXPORT_FOLDER = "an mq export folder (no manifest.json written by mq)"
+
+
+def _check_out(out: Path) -> Path:
+    """Fail before the (slow) ONNX export when ``out`` cannot receive an export."""
+    check_replaceable(out, owned=is_export_folder, what=EXPORT_FOLDER)
+    check_writable(Path(os.path.realpath(out)).parent)  # where the new folder is staged
+    return out
 
 
 def _exporter_for(backend: Backend, name: str | None) -> Exporter:
@@ -57,15 +69,18 @@ def export(
 ) -> ExportResult:
     """Export a calibrated prepared model with its backend's default exporter (or ``exporter``).
 
-    Writes the artifacts and ``manifest.json`` into ``out_dir`` atomically (nothing is left behind on failure)
-    and returns an ``ExportResult`` for ``mq.verify``. ``options`` are the exporter's (see ``mq exporters``).
+    Builds the artifacts and ``manifest.json`` in a staging folder and swaps it in for ``out_dir`` in one rename:
+    ``out_dir`` holds the complete new export or, on failure, exactly what it held before (see ``mq_core.io``). An
+    existing ``out_dir`` is replaced only when it is empty or an earlier mq export. Returns an ``ExportResult`` for
+    ``mq.verify``. ``options`` are the exporter's (see ``mq exporters``).
     """
     backend = get_backend(prepare_info(qmodel).backend)
     chosen = _exporter_for(backend, exporter)
     parsed = chosen.parse_options(options)
     backend.check(prepare_info(qmodel).qconfig)
+    out = _check_out(Path(out_dir))
     qdq_model, table = export_qdq_onnx(qmodel, as_inputs(example_inputs))
-    return _run_exporter(qmodel, backend, chosen, parsed, qdq_model, table, Path(out_dir))
+    return _run_exporter(qmodel, backend, chosen, parsed, qdq_model, table, out)
 
 
 def export_many(
@@ -77,26 +92,25 @@ def export_many(
     """Export with several exporters (default: all of the backend's), each into ``out_dir/<exporter>/``.
 
     The canonical QDQ ONNX is exported once and shared, which is what makes this cheaper than repeated
-    ``export`` calls.
+    ``export`` calls. Each ``out_dir/<exporter>/`` is replaced as a whole, as by ``export``.
     """
     backend = get_backend(prepare_info(qmodel).backend)
     chosen = [_exporter_for(backend, name) for name in (exporters or backend.exporters)]
     backend.check(prepare_info(qmodel).qconfig)
+    folders = {e.name: _check_out(Path(out_dir) / e.name) for e in chosen}
     qdq_model, table = export_qdq_onnx(qmodel, as_inputs(example_inputs))
-    return {
-        e.name: _run_exporter(qmodel, backend, e, e.parse_options({}), qdq_model, table, Path(out_dir) / e.name)
-        for e in chosen
-    }
+    return {e.name: _run_exporter(qmodel, backend, e, e.parse_options({}), qdq_model, table, folders[e.name])
+            for e in chosen}
 
 
 def _run_exporter(
     qmodel: nn.Module, backend: Backend, chosen: Exporter, parsed: Any, qdq_model: onnx.ModelProto,
     table: dict[str, Any], out: Path,
 ) -> ExportResult:
-    with staged_directory(out) as stage:
+    with staged_directory(out, owned=is_export_folder, what=EXPORT_FOLDER) as stage:
         ctx = ExportContext(qmodel, backend, chosen.name, qdq_model, table, stage, parsed)
         chosen.export(ctx)
         manifest = build_manifest(ctx, _input_specs(qdq_model), get_entry("backend", backend.name).distribution)
         atomic_write_text(stage / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-        artifacts = [Artifact(a.kind, out / a.path.relative_to(stage), a.description) for a in ctx.artifacts]
-    return ExportResult(out, backend.name, chosen.name, artifacts, manifest, qmodel, qdq_model)
+        written = ExportResult(stage, backend.name, chosen.name, ctx.artifacts, manifest, qmodel, qdq_model)
+    return written.moved_to(out)

@@ -30,7 +30,7 @@ from torch import nn
 from mq_core import __version__
 from mq_core.errors import ExportError
 from mq_core.export.deploy import DeployLayer, DeployQuantizer, deploy_view
-from mq_core.export.onnx_graph import Graph
+from mq_core.export.onnx_graph import Graph, make_node
 from mq_core.export.ops import TRANSLATIONS
 from mq_core.export.quant_table import QuantTable, TensorQuant
 
@@ -114,11 +114,39 @@ def _free_names(graph: Graph, pairs: list, quantizers: dict[str, DeployQuantizer
         existing.add(f"{name}_{k}")
 
 
+def _split_shared_inputs(graph: Graph) -> set[str]:
+    """Give each Q/DQ pair its own input tensor: the exporter merges the same op on the same input (``flatten(y)``
+    in two heads) even when the quantizers after it differ (learned separately), leaving two pairs on one tensor,
+    which can carry only one name. Every further pair reads the tensor through an Identity; returns the names of
+    the Identity outputs (renamed later, with the Identity, after the pair's quantizer)."""
+    taken = {o for n in graph.model.graph.node for o in n.output} | set(graph.initializers) | set(graph.inputs)
+    seen: set[str] = set()
+    splits: list[tuple[onnx.NodeProto, onnx.NodeProto]] = []
+    for pair in graph.qdq_pairs():
+        if pair.quantize is None:
+            continue
+        source = pair.input
+        if source not in seen:
+            seen.add(source)
+            continue
+        k = 1
+        while f"{source}_{k}" in taken:
+            k += 1
+        copy = f"{source}_{k}"
+        taken.add(copy)
+        pair.quantize.input[0] = copy
+        splits.append((pair.quantize, make_node("Identity", [source], [copy], name=f"{copy}_Identity")))
+    for quantize, identity in splits:
+        graph.replace_nodes([quantize], [identity, quantize])
+    return {identity.output[0] for _, identity in splits}
+
+
 def _canonicalise(model: onnx.ModelProto, deploy: nn.Module, table: QuantTable) -> None:
     """Rename quantized tensors and Q/DQ nodes, check that every scale is a constant, drop volatile metadata."""
     graph = Graph(model)
     quantizers = {p: m for p, m in deploy.named_modules() if isinstance(m, DeployQuantizer)}
     layers = {p for p, m in deploy.named_modules() if isinstance(m, DeployLayer)}
+    copies = _split_shared_inputs(graph)
     pairs = graph.qdq_pairs()
     _free_names(graph, pairs, quantizers)
     for pair in pairs:
@@ -139,6 +167,8 @@ def _canonicalise(model: onnx.ModelProto, deploy: nn.Module, table: QuantTable) 
         if owner is None:
             raise ExportError(f"cannot attribute Q/DQ {pair.output} to a quantizer (this is a bug: please report it)")
         tensor = owner.tensor
+        if pair.input in copies:
+            graph.producer[pair.input].name = f"{tensor}_Identity"
         graph.rename(pair.input, tensor)
         if pair.output not in graph.outputs:
             graph.rename(pair.output, f"{tensor}_dequantized")

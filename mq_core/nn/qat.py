@@ -12,6 +12,13 @@ same, but the division touches the small weight instead of the whole activation,
 from about 1.4x to 1.2-1.3x a float step on a CPU (``benchmarks/qat_step.py``). In eval mode, or once the BN is
 frozen, they run the deploy arithmetic itself (``mq_core.nn.bn_fold``), so their output equals the folded model's
 bit for bit.
+
+A weight quantizer that normalises its input (``FakeQuantizer.normalizes_input``: DoReFa maps every weight onto
+[-1, 1]) cannot take the fold factor before quantizing: the normalisation removes it, the division after puts
+``1 / factor`` into the weight, the BN's running variance grows with it and the loop diverges. For such a
+quantizer the BN variants quantize the *unfolded* weight and fold after: while training the factor cancels (the
+quantized weight feeds the BN directly, as in the DoReFa paper); in eval mode the deploy weight is the quantized
+weight times the factor, which lies on the per-channel grid ``scale * |factor|`` (``folded_weight_qparams``).
 """
 
 from __future__ import annotations
@@ -37,6 +44,8 @@ from mq_core.nn.bn_fold import (
 )
 from mq_core.nn.fused import FUSED_MODULES, unpack_fused
 from mq_core.quant.fake_quant import FakeQuantizer
+from mq_core.quant.functional import fake_quantize
+from mq_core.quant.scheme import SCALE_EPS
 
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 _CONV_TRANSPOSE = {1: F.conv_transpose1d, 2: F.conv_transpose2d}
@@ -103,7 +112,8 @@ class QATModule(nn.Module):
         return y if self.act is None else self.act(y)
 
     def deploy_weight_and_bias(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The float weight ``weight_fake_quant`` sees in eval mode, and the bias added in eval mode."""
+        """The deploy layer's float weight, which ``weight_fake_quant`` quantizes in eval mode (for a quantizer
+        that normalises its input, the fold comes after it: see ``QATBnModule``), and the bias added in eval mode."""
         return self.weight, self.bias
 
     def to_float(self) -> nn.Module:
@@ -136,6 +146,21 @@ class QATBnModule(QATModule):
         check_bn(self, bn)
         self.bn = bn
         self.bn_frozen = is_frozen_batch_norm(bn)
+        if weight_fake_quant.normalizes_input:
+            self._check_fold_after(weight_fake_quant)
+
+    def _check_fold_after(self, fq: FakeQuantizer) -> None:
+        """Folding after a normalising quantizer scales each output channel's levels by its own factor, which only
+        a per-channel grid over the output channels holds (a grouped ConvTranspose has no such axis)."""
+        grouped_transpose = self.weight_ch_axis != 0 and self.groups > 1
+        if fq.ch_axis is None or grouped_transpose:
+            raise SchemeError(
+                f"{type(fq).__name__} normalises the weight of a {type(self).__name__}, so the BatchNorm is folded "
+                f"after quantizing, which multiplies each output channel's levels by its own factor; that needs a "
+                f"per-channel weight grid over the output channels, and {fq.scheme.describe()}"
+                + (" on a grouped transposed convolution" if grouped_transpose else "")
+                + " is not one. Use a per-channel backend or qconfig, or another weight quantizer for this layer."
+            )
 
     @classmethod
     def _extra_init(cls, bn: nn.Module | None) -> dict[str, Any]:
@@ -151,13 +176,43 @@ class QATBnModule(QATModule):
         factor = bn_scale_factor(self.bn)
         return fold_weight(self.weight, self, factor), fold_bias(self.bn, self.bias, factor)
 
+    def folded_weight_qparams(self, factor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The per-channel grid of ``weight_fake_quant``'s output folded by ``factor`` (a normalising quantizer,
+        zero point 0): level ``q`` times ``factor`` is level ``q * sign(factor)`` of scale ``scale * |factor|``.
+        A zero factor (a channel the BN zeroes) gets the smallest scale, so its weights quantize to 0."""
+        scale = self.weight_fake_quant.scale.detach() * factor.detach().abs()
+        scale = torch.clamp(scale.to(torch.float32), min=SCALE_EPS)
+        return scale, torch.zeros(scale.shape, dtype=torch.int32, device=scale.device)
+
+    def _quantize_then_fold(self, factor: torch.Tensor) -> torch.Tensor:
+        """Eval weight for a normalising quantizer: quantize the unfolded weight, then fold, on the folded grid
+        (``folded_weight_qparams``), so the value is exactly what a fixed quantizer with that grid computes from
+        the folded weight (what the deploy view runs once ``bake`` has stored the quantized weight)."""
+        fq = self.weight_fake_quant
+        folded = fold_weight(fq(self.weight), self, factor)
+        if not fq.quant_enabled.item():
+            return folded
+        scale, zero_point = self.folded_weight_qparams(factor)
+        return fake_quantize(folded, scale, zero_point, fq.scheme.qmin, fq.scheme.qmax, fq.ch_axis, fq.exact)
+
     def _qat_forward(self, x: torch.Tensor, **op_kwargs: Any) -> torch.Tensor:
+        if self.weight_fake_quant.normalizes_input:
+            return self._fold_after_forward(x, **op_kwargs)
         if not self.training or self.bn_frozen:
             return super()._qat_forward(x, **op_kwargs)
         factor = bn_scale_factor(self.bn)
         weight = self.weight_fake_quant(fold_weight(self.weight, self, factor))
         weight = (weight / channel_view(factor, self)).to(weight.dtype)  # a float32 BN must not promote the weight
         return self._activate(self.bn(self._op(x, weight, self.bias, **op_kwargs)))
+
+    def _fold_after_forward(self, x: torch.Tensor, **op_kwargs: Any) -> torch.Tensor:
+        """The forward for a normalising weight quantizer (module docstring): while training ``quantize(w) *
+        factor / factor`` is the quantized weight itself, feeding the BN; else the folded deploy arithmetic."""
+        if self.training and not self.bn_frozen:
+            return self._activate(self.bn(self._op(x, self.weight_fake_quant(self.weight), self.bias, **op_kwargs)))
+        factor = bn_scale_factor(self.bn)
+        bias = fold_bias(self.bn, self.bias, factor)
+        return self._activate(self._op(x, self._quantize_then_fold(factor), bias, **op_kwargs))
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, bn_frozen={self.bn_frozen}"

@@ -1,8 +1,12 @@
 """Typed registries: name -> object, with aliases, case-insensitive lookup and provenance.
 
+Every name and alias matches one pattern (``NAME_RULE``): names end up in command lines, file and folder names
+and messages, so ``""``, ``"../../evil"``, ``"all"`` (``--backend all``) or names with spaces are refused.
+
 Conflicts are resolved lazily: every claim on a name is kept, and a lookup of a name claimed by two
-distributions either picks the one ``MQ_PREFER`` lists first or raises ``PluginConflictError`` naming both. So one
-conflicting third-party package never breaks the names it does not touch.
+distributions either picks the one ``MQ_PREFER`` lists first, or the core's own entry when the core is one of
+them, or raises ``PluginConflictError`` naming both. So one conflicting third-party package never breaks the names
+it does not touch, and never the core's.
 """
 
 from __future__ import annotations
@@ -12,11 +16,33 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from mq_core.errors import PluginConflictError
+from mq_core.errors import PluginConflictError, PluginLoadError
+
+#: The distribution of the core's built-ins; its entries win over a plugin's claim on the same name.
+CORE_DISTRIBUTION = "mq-core"
+
+#: Every registry name and alias, compared case-insensitively: a letter or digit, then letters, digits, ``.``,
+#: ``_`` or ``-``; at most 128 characters.
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+#: Names with a meaning of their own on the command line (``--backend all``, ``runtimes="all"``).
+RESERVED_NAMES = frozenset({"all"})
+NAME_RULE = (
+    "a name starts with a letter or digit and continues with letters, digits, '.', '_' or '-' (at most 128 "
+    "characters, no spaces; case does not matter), and 'all' is reserved"
+)
 
 
 def normalize(name: str) -> str:
+    """The lookup key of a name: what users type is matched case-insensitively, surrounding spaces ignored."""
     return name.strip().lower()
+
+
+def check_name(label: str, name: object) -> None:
+    """Refuse a name outside ``NAME_PATTERN`` or reserved, with the rule in the message (``PluginLoadError``)."""
+    if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name) or name.lower() in RESERVED_NAMES:
+        raise PluginLoadError(
+            f"{label} name {name!r} is not allowed: {NAME_RULE}. Rename it in the plugin that registers it."
+        )
 
 
 @dataclass(frozen=True)
@@ -28,8 +54,12 @@ class Entry:
     obj: Any
     aliases: tuple[str, ...] = ()
     description: str = ""
-    distribution: str = "mq-core"
+    distribution: str = CORE_DISTRIBUTION
     version: str = ""
+
+    def __post_init__(self) -> None:
+        for name in (self.name, *self.aliases):
+            check_name(_label(self.kind), name)
 
     @property
     def keys(self) -> tuple[str, ...]:
@@ -52,7 +82,7 @@ class Registry:
     @property
     def label(self) -> str:
         """The kind as users read it in messages ("ptq_method" -> "PTQ method")."""
-        return self.kind.replace("_", " ").replace("ptq", "PTQ")
+        return _label(self.kind)
 
     def add(self, entry: Entry) -> None:
         """Record a claim. The same key twice from one distribution is that plugin's bug: ValueError."""
@@ -76,12 +106,9 @@ class Registry:
     def find(self, name: str) -> Entry | None:
         """The entry for ``name`` (or alias), ``None`` if unknown; raises on an unresolved conflict."""
         claims = self._index.get(normalize(name), [])
-        if len(claims) <= 1:
-            return claims[0] if claims else None
-        for dist in self.prefer():
-            for entry in claims:
-                if canonical_distribution(entry.distribution) == canonical_distribution(dist):
-                    return entry
+        winner = self._winner(claims)
+        if winner is not None or not claims:
+            return winner
         names = " and ".join(f"{e.distribution} {e.version}".strip() for e in claims)
         first = claims[0].distribution
         raise PluginConflictError(
@@ -90,6 +117,16 @@ class Registry:
             "or uninstall the one you do not want."
         )
 
+    def _winner(self, claims: Sequence[Entry]) -> Entry | None:
+        """Who owns a name: the only claim, else the first ``MQ_PREFER`` distribution, else the core; else None."""
+        if len(claims) <= 1:
+            return claims[0] if claims else None
+        for dist in self.prefer():
+            for entry in claims:
+                if canonical_distribution(entry.distribution) == canonical_distribution(dist):
+                    return entry
+        return next((e for e in claims if e.distribution == CORE_DISTRIBUTION), None)
+
     def entries(self) -> list[Entry]:
         return list(self._entries)
 
@@ -97,7 +134,25 @@ class Registry:
         return {k: v for k, v in self._index.items() if len({e.distribution for e in v}) > 1}
 
     def names(self) -> list[str]:
-        return sorted(dict.fromkeys(e.name for e in self._entries))
+        """One name per reachable entry (``--backend all`` iterates these).
+
+        A name whose lookup lands on another entry (a plugin's ``"QDQ"`` or ``"ort"`` beside the core's ``qdq``)
+        is left out, so nothing is listed, or run, twice; a name in an unresolved conflict stays listed, and
+        looking it up reports the conflict.
+        """
+        listed: dict[str, str] = {}
+        for entry in self._entries:
+            key = normalize(entry.name)
+            if key in listed:
+                continue
+            winner = self._winner(self._index[key])
+            if winner is None or normalize(winner.name) == key:
+                listed[key] = entry.name if winner is None else winner.name
+        return sorted(listed.values())
+
+
+def _label(kind: str) -> str:
+    return kind.replace("_", " ").replace("ptq", "PTQ")
 
 
 def canonical_distribution(name: str) -> str:

@@ -60,6 +60,13 @@ class FakeQuantizer(nn.Module):
     def is_calibrated(self) -> bool:
         return bool(self.calibrated.item())
 
+    @property
+    def normalizes_input(self) -> bool:
+        """Whether the output ignores the input's scale (DoReFa maps every weight onto [-1, 1]), so that a BN
+        fold factor applied before quantizing would be normalised away; QAT BN layers then fold *after* this
+        quantizer (``mq_core.nn.qat``), which needs its output on a grid of ``scale`` with zero point 0."""
+        return False
+
     # --- switches ---------------------------------------------------------------------------------------------
     def enable_observation(self, on: bool = True) -> None:
         if not on and self.observe_enabled.item() and self.observer is not None and self.observer.observed:
@@ -80,6 +87,14 @@ class FakeQuantizer(nn.Module):
         self.scale.copy_(scale)
         self.zero_point.copy_(zero_point)
         self.calibrated.fill_(1)
+
+    def reset(self) -> None:
+        """Forget the calibration: the observer's statistics and the ``calibrated`` mark (the switches stay as they
+        are). A quantizer without an observer keeps its qparams: they were set directly, not observed."""
+        if self.observer is None:
+            return
+        self.observer.reset()
+        self.calibrated.fill_(0)
 
     def update_qparams(self) -> None:
         if self.observer is None or not self.observer.observed:

@@ -30,6 +30,10 @@ class Runtime:
         return all(node.domain in self.domains for node in model.graph.node)
 
     def run(self, model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        """The model's outputs on ``feeds``. mq calls it in a worker process (``mq_core.runtimes.isolation``), so
+        that a crash in native code fails a check instead of ending mq: the object travels there by pickle, and
+        the process imports the runtime's module without mq_core's package ``__init__`` files, hence without torch
+        unless the module imports it (import heavy libraries inside ``run``)."""
         raise NotImplementedError
 
     def notes(self, model: onnx.ModelProto) -> list[str]:

@@ -179,7 +179,7 @@ def test_empty_data_raises() -> None:
         mq.calibrate(q, [], progress=False)
     with pytest.raises(mq.CalibrationError, match="empty"):
         mq.calibrate(q, iter(()), progress=False)
-    with pytest.raises(mq.CalibrationError, match="empty"):
+    with pytest.raises(mq.ConfigError, match="num_batches must be a positive integer"):
         mq.calibrate(q, DATA, num_batches=0, progress=False)
     assert flags(q, True) == flags(q, False) == {(False, False)}  # left switched off, not half-enabled
 

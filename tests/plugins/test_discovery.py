@@ -89,13 +89,16 @@ def test_conflict_names_both_distributions_and_can_be_resolved(plugin_env) -> No
     assert "mq-trt 0.1.0" in message and "mq-example-conflict 0.5.0" in message and "MQ_PREFER" in message
     # names the conflict does not touch keep working
     assert mq.get_backend("trt").name == "tensorrt"
-    with pytest.raises(mq.PluginConflictError, match=r"mq-core.*mq-example-conflict"):
-        mq.get_observer("ema")
+    # a claim on a core name is a conflict too, but the core keeps its name unless MQ_PREFER says otherwise
+    assert mq.get_entry("observer", "ema").distribution == "mq-core"
+    assert [e.distribution for e in get_manager().registries["observer"].conflicts()["ema"]] == [
+        "mq-core", "mq-example-conflict"]
 
     plugin_env(MQ_PLUGINS="mq-trt,mq-example-conflict", MQ_PREFER="mq-trt")
     assert mq.get_entry("backend", "tensorrt").distribution == "mq-trt"
     plugin_env(MQ_PLUGINS="mq-trt,mq-example-conflict", MQ_PREFER="mq_example_conflict")
     assert mq.get_backend("tensorrt").description == "not the real TensorRT"
+    assert mq.get_entry("observer", "ema").distribution == "mq-example-conflict"
 
 
 def test_mq_plugins_restricts_loading(plugin_env) -> None:

@@ -1,7 +1,8 @@
 """Observer: accumulates statistics of the tensors a quantizer sees and turns them into a range [lo, hi].
 
 All state lives in buffers so that ``state_dict`` round-trips a calibrated model. Buffers whose shape depends on
-the data (per-channel ranges, histograms) start empty and are resized when a state dict is loaded.
+the data (per-channel ranges, histograms) start empty and are resized when a state dict is loaded. Buffers are
+registered in ``__init__`` and reassigned afterwards: ``Observer.reset`` restores each one's registered value.
 """
 
 from __future__ import annotations
@@ -39,6 +40,8 @@ class Observer(nn.Module):
                 "for per-channel quantization."
             )
         self.scheme = scheme
+        #: each buffer's value when it was registered: what ``reset`` returns to
+        self._initial_buffers: dict[str, torch.Tensor] = {}
         self.register_buffer("num_batches", torch.tensor(0, dtype=torch.int64))
 
     @property
@@ -59,6 +62,20 @@ class Observer(nn.Module):
 
     def observe(self, x: torch.Tensor) -> None:
         raise NotImplementedError
+
+    def register_buffer(self, name: str, tensor: torch.Tensor | None, persistent: bool = True) -> None:
+        super().register_buffer(name, tensor, persistent)
+        # nn.Module.__setattr__ re-registers a buffer on every assignment (self.min_val = ...): keep the first value
+        if tensor is not None and name not in self._initial_buffers:
+            self._initial_buffers[name] = tensor.detach().clone()
+
+    def reset(self) -> None:
+        """Forget everything observed: every buffer back to its registered value, as if freshly built.
+        ``mq.calibrate`` starts from here by default, so a second calibration does not silently extend the first."""
+        for name, initial in self._initial_buffers.items():
+            current = self._buffers.get(name)
+            device = current.device if current is not None else initial.device
+            self._buffers[name] = initial.to(device=device, copy=True)
 
     def compute_range(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The range [lo, hi] (per channel when per-channel) that qparams are computed from."""

@@ -3,8 +3,9 @@
 Steps (TVM 0.27 has no Relay): ``lower_qoperators`` (QLinearConv/QLinearMatMul, which the relax importer lacks),
 ``tvm.relax.frontend.onnx.from_onnx`` with the feeds' concrete shapes (relax compiles static shapes),
 ``relax.transform.DecomposeOpsForInference``, ``tvm.compile(target="llvm")``, ``relax.VirtualMachine`` on
-``tvm.cpu()``. Compiling takes seconds per model, so compiled VMs are kept in-process per (model bytes, input
-shapes and dtypes, target): verifying the same artifact again reuses them.
+``tvm.cpu()``. Compiling takes seconds per model, so compiled VMs are kept per process and (model bytes, input
+shapes and dtypes, target): verifying the same artifact again reuses them. mq runs a runtime in one long-lived worker
+process (``mq_core.runtimes.isolation``), so the cache lasts as long as the mq process.
 """
 
 from __future__ import annotations

@@ -10,13 +10,20 @@ no zero and sit half a step off any integer zero point, so no runtime's ``(q - z
 ``-qmax .. qmax`` (``2^k - 1`` of them, zero included; a full-range grid's extra ``qmin`` level is never used).
 Only signed grids are accepted.
 
+BatchNorm: the normalisation discards the weight's scale, so a BN fold factor applied before DoReFa would vanish
+(and dividing by it afterwards, as the Jacob et al. fold does, made BN's running variance diverge). The quantizer
+declares ``normalizes_input`` and the QAT BN layers fold *after* it (``mq_core.nn.qat``): training feeds the
+DoReFa weight to the BN, as the paper does, and the deploy weight is the DoReFa weight times the fold factor, on
+the per-channel grid ``|factor| / qmax``. A BN layer therefore needs a per-channel weight grid.
+
 Export: the deploy view quantizes the layer's *stored* (BN-folded) weight with fixed qparams, and
 ``round(tanh(w) qmax / max|tanh(w)|)`` is not a uniform grid over ``w``: no fixed (scale, zero point) reproduces
 it. ``bake(owner)`` (or ``bake_dorefa(model)`` for a whole model) therefore rewrites the owning layer's weight to
-the DoReFa output itself, after which the quantizer is a plain fixed quantizer with ``s = 1 / qmax, z = 0``: the
-new weight's codes are exactly the DoReFa codes, so the baked model's eval output equals the trained model's,
-and the deploy view (and every export) equals the baked model's. Bake once, after training (with BN frozen or
-in eval: the fold uses the running statistics); exporting an unbaked DoReFa quantizer raises ``ExportError``.
+the DoReFa output itself, after which the quantizer is a plain fixed quantizer with ``s = 1 / qmax, z = 0`` (with
+a BN: ``s = |factor| / qmax``, the folded grid): the new weight's codes are exactly the DoReFa codes, so the baked
+model's eval output equals the trained model's, and the deploy view (and every export) equals the baked model's.
+Bake once, after training (with BN frozen or in eval: the fold uses the running statistics); exporting an
+unbaked DoReFa quantizer raises ``ExportError``.
 """
 
 from __future__ import annotations
@@ -26,7 +33,6 @@ from torch import nn
 
 from mq_core.errors import CalibrationError, ExportError, SchemeError
 from mq_core.nn.bn_fold import bn_scale_factor
-from mq_core.nn.bn_fold import channel_view as output_channel_view
 from mq_core.nn.qat import QATBnModule
 from mq_core.quant.fake_quant import FakeQuantizer
 from mq_core.quant.functional import fake_quantize
@@ -54,9 +60,19 @@ class DoReFaFakeQuantizer(FakeQuantizer):
     def is_baked(self) -> bool:
         return bool(self.baked.item())
 
+    @property
+    def normalizes_input(self) -> bool:
+        """Until baked: ``max|tanh(w)|`` normalises any weight scale away (a BN fold must come after it)."""
+        return not self.is_baked
+
     def set_qparams(self, scale: torch.Tensor, zero_point: torch.Tensor) -> None:
-        """The grid is fixed (``1 / qmax``, 0); calibration only supplies the per-channel shape."""
-        super().set_qparams(torch.full_like(scale, 1.0 / self.scheme.qmax), torch.zeros_like(zero_point))
+        """The grid is fixed (``1 / qmax``, 0); calibration only supplies the per-channel shape. Once baked, the
+        grid is the deploy grid ``bake`` chose, and a later calibration leaves it as it is."""
+        if self.is_baked:
+            scale, zero_point = self.scale, self.zero_point
+        else:
+            scale, zero_point = torch.full_like(scale, 1.0 / self.scheme.qmax), torch.zeros_like(zero_point)
+        super().set_qparams(scale, zero_point)
 
     def transform(self, w: torch.Tensor) -> torch.Tensor:
         """``tanh(w) / max|tanh(w)|`` (per channel when per-channel); an all-zero tensor stays zero."""
@@ -84,20 +100,18 @@ class DoReFaFakeQuantizer(FakeQuantizer):
 
     @torch.no_grad()
     def bake(self, owner: nn.Module) -> None:
-        """Rewrite ``owner.weight`` so that its deploy (BN-folded) weight is this quantizer's current output."""
+        """Store this quantizer's current output as ``owner.weight`` and switch to the fixed grid that the
+        deploy view then applies to the (BN-folded) stored weight: ``1 / qmax``, or with a BN the folded grid
+        ``owner.folded_weight_qparams`` that the unbaked eval path already quantizes onto."""
         if owner.weight_fake_quant is not self:
             raise ValueError(f"{type(owner).__name__} does not own DoReFa quantizer {self.qname}.")
         if self.is_baked:
             return
         if not self.is_calibrated:
             raise CalibrationError(f"DoReFa quantizer {self.qname} was never calibrated; run mq.calibrate first.")
-        target = self.quantize_forward(owner.deploy_weight_and_bias()[0])
+        owner.weight.copy_(self.quantize_forward(owner.weight))
         if isinstance(owner, QATBnModule):
-            # deploy weight = weight * factor per output channel (mq_core.nn.bn_fold.fold_weight); invert it. A
-            # channel with factor 0 deploys zeros whatever its weight, and DoReFa maps zeros to code 0.
-            factor = output_channel_view(bn_scale_factor(owner.bn), owner)
-            target = torch.where(factor != 0, target / factor, torch.zeros_like(target))
-        owner.weight.copy_(target)
+            FakeQuantizer.set_qparams(self, *owner.folded_weight_qparams(bn_scale_factor(owner.bn)))
         self.baked.fill_(1)
 
 

@@ -20,7 +20,8 @@ one sample's features), or one channel when per-channel.
 Zero point: the paper's grids have ``z = 0`` (signed grids for signed data, unsigned ones for ReLU outputs).
 mq's backends also hand out affine activation grids; there the zero point comes from the observer and stays
 fixed (``z = qmin`` for non-negative data, as in the paper; a tensor that was seen negative, e.g. logits on a
-uint grid, keeps room for its negative part instead of being clipped at 0). Learning it too is LSQ+.
+uint grid, keeps room for its negative part instead of being clipped at 0, but never all of it: see
+``LSQObserver``). Learning it too is LSQ+.
 """
 
 from __future__ import annotations
@@ -101,8 +102,15 @@ class LSQObserver(MinMaxObserver):
     """LSQ's initial step size ``s = 2 mean|x| / sqrt(qmax)`` (Section 2.1), over every element seen.
 
     ``mean|x|`` is accumulated in float64 over all batches (per channel when per-channel), so batching does not
-    change the result. The zero point is 0 on symmetric grids; on affine grids it is the one that places the
-    observed minimum (widened to include 0) at ``qmin``: ``z = clamp(qmin - round(min / s), qmin, qmax)``.
+    change the result. The zero point is 0 on symmetric grids. On affine grids the ``N = qmax - qmin`` steps of
+    ``s`` are shared between the two sides of 0 (the observed range widened to include 0). The negative side gets
+    the levels it needs to reach the minimum, as far as the positive side's need leaves room, and at least half
+    the grid when it needs that much: ``z = qmin + min(below, max(N - above, N // 2))`` with ``below`` and
+    ``above`` the steps to the minimum and the maximum. So a range that fits has its minimum on ``qmin`` (``z =
+    qmin`` for non-negative data, the paper's grid), a side that fits is covered when only the other overflows,
+    and two overflowing sides split the grid in half, as the signed grid LSQ's step is derived for. (Clamping
+    ``qmin - round(min / s)`` into the grid instead gave data with a long negative tail the range ``[lo, 0]``,
+    clipping every positive value to 0.)
     """
 
     def __init__(self, scheme: QuantScheme) -> None:
@@ -123,9 +131,11 @@ class LSQObserver(MinMaxObserver):
         scale = torch.clamp(2.0 * mean_abs / math.sqrt(self.scheme.qmax), min=SCALE_EPS)
         if self.scheme.symmetric:
             return scale, torch.zeros_like(scale, dtype=torch.int32)
-        lo = torch.clamp(self.min_val, max=0.0)
-        zero_point = torch.clamp(self.scheme.qmin - torch.round(lo / scale), self.scheme.qmin, self.scheme.qmax)
-        return scale, zero_point.to(torch.int32)
+        steps = self.scheme.qmax - self.scheme.qmin
+        below = -torch.round(torch.clamp(self.min_val, max=0.0) / scale)
+        above = torch.round(torch.clamp(self.max_val, min=0.0) / scale)
+        negative_levels = torch.minimum(below, torch.clamp(steps - above, min=steps // 2))
+        return scale, (self.scheme.qmin + negative_levels).to(torch.int32)
 
     def compute_range(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self.scheme.range_of(*self.calculate_qparams())
