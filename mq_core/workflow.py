@@ -7,6 +7,7 @@ in quantization steps, the artifacts and the time each stage took.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 import time
@@ -20,7 +21,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from mq_core.calibration import calibrate
+from mq_core.calibration import calibrate, model_inputs
 from mq_core.checkpoint import save_checkpoint
 from mq_core.errors import CalibrationError, MQError, VerificationError
 from mq_core.export import ExportResult, export_many
@@ -162,6 +163,22 @@ def _first_batch(calib: Iterable[Any]) -> Any:
                            "loader factory).")
 
 
+def _example_inputs(model: nn.Module, first: Any) -> tuple[Any, ...]:
+    """The inputs ``prepare`` traces with, from the first calibration batch by the one data rule that calibration
+    applies to every batch (``mq_core.calibration.model_inputs``): a tensor, the first item of an ``(x, y)`` tuple,
+    or the dict entry named like the first parameter of the model's ``forward``."""
+    args, kwargs = model_inputs(model, first, n_inputs=1)
+    if args:
+        return args
+    first_parameter = next(iter(inspect.signature(model.forward).parameters), None)
+    if first_parameter not in kwargs:
+        raise CalibrationError(
+            f"a dict batch gives the model keyword inputs {sorted(kwargs)}, but mq quantize traces the model with "
+            "one positional input; name the entry after the first parameter of the model's forward."
+        )
+    return (kwargs[first_parameter],)
+
+
 def is_backend_folder(path: Path) -> bool:
     """Whether ``path`` is a backend folder ``mq quantize`` wrote: a checkpoint, or an mq export inside it."""
     return (path / CHECKPOINT).is_file() or any(is_export_folder(p) for p in path.iterdir() if p.is_dir())
@@ -204,8 +221,7 @@ def quantize_for_backend(
     """
     resolved = get_backend(backend)
     outcome = BackendOutcome(resolved.name, method=method)
-    first = _first_batch(calib)
-    example = (first,) if isinstance(first, torch.Tensor) else tuple(first[:1])
+    example = _example_inputs(model, _first_batch(calib))
     folder = out_dir / resolved.name
     check_replaceable(folder, owned=is_backend_folder, what=BACKEND_FOLDER)  # now, not after calibrating
     names = ["prepare", "calibrate", *(["ptq"] if method else []), "export", "verify",

@@ -40,6 +40,16 @@ def endless():
     raise RuntimeError("read 1000 batches of an endless loader")  # what reading it all would run into
 
 
+def labelled():
+    for _ in range(3):
+        yield torch.randn(4, 16), torch.randint(0, 2, (4,))
+
+
+def named():
+    for _ in range(3):
+        yield {"x": torch.randn(4, 16), "label": torch.randint(0, 2, (4,))}
+
+
 def tiny_cnn():
     torch.manual_seed(0)
     return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
@@ -73,6 +83,14 @@ def test_endless_loader_takes_num_batches(workdir: Path) -> None:
     pulls = sys.modules["stream_user"].PULLS
     # every pass (the example batch, calibration) is a fresh generator; calibration took exactly 5 batches
     assert max(pulls) == 5 and all(p <= 5 for p in pulls), pulls
+
+
+@pytest.mark.parametrize("factory", ["labelled", "named"])
+def test_tuple_and_dict_batches_from_the_cli(workdir: Path, factory: str) -> None:
+    """(x, y) tuples and dict batches follow calibration's one rule, for the traced example too."""
+    result = invoke("quantize", "--model", "stream_user:build", "--calib", f"stream_user:{factory}", "--backend",
+                    "qdq", "--out", "out", "--quiet")
+    assert result.exit_code == 0, result.output
 
 
 def test_image_folder_is_decoded_batch_by_batch(tmp_path: Path) -> None:
