@@ -27,8 +27,8 @@ from resnet_case import interleaved_ms, machine_line
 from torch import nn
 
 import mq_core as mq
-from mq_core.cli.table import render_table
 from mq_core.testing.zoo import BasicBlock, ResNet18
+from mq_core.text import render_table
 
 
 def train_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Callable[[], None]:

@@ -21,10 +21,10 @@ import onnx
 import torch
 
 import mq_core as mq
-from mq_core.cli.table import render_table
 from mq_core.export.canonical import quiet_exporter
 from mq_core.runtimes.cpu import int8_may_saturate
 from mq_core.testing.zoo import ResNet18, randomize_bn
+from mq_core.text import render_table
 
 #: The two mq configurations benchmarked: the backend's default (8-bit weights and activations on both benchmarked
 #: backends) and 7-bit weights (exact on CPUs without VNNI).

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 import mq_core as mq
 from mq_core.demo.digits import ARCHITECTURES, accuracy, load_digits, pretrained
-from mq_core.workflow import RuntimeModule
+from mq_core.pipeline.workflow import RuntimeModule
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -8,10 +8,8 @@
     report = mq.verify(result, (x,))
 """
 
-__version__ = "0.1.0"
-
+from mq_core._version import __version__
 from mq_core.backend import Backend
-from mq_core.calibration import calibrate, disable_all, enable_calibration, enable_quantization, quantizers
 from mq_core.checkpoint import load_checkpoint, restore, save_checkpoint
 from mq_core.errors import (
     CalibrationError,
@@ -24,10 +22,15 @@ from mq_core.errors import (
     UnknownNameError,
     VerificationError,
 )
-from mq_core.export import Artifact, Exporter, ExportResult, export
+from mq_core.export import Artifact, Exporter, ExportResult
 from mq_core.graph.policy import PlacementPolicy, input_placement, output_placement
 from mq_core.hookspecs import hookimpl
 from mq_core.nn import FrozenBatchNorm2d, freeze_bn, unfreeze_bn
+from mq_core.pipeline.calibrate import calibrate, disable_all, enable_calibration, enable_quantization, quantizers
+from mq_core.pipeline.export import export
+from mq_core.pipeline.prepare import PrepareInfo, prepare, prepare_info
+from mq_core.pipeline.ptq import PTQMethod, ptq
+from mq_core.pipeline.verify import VerificationReport, verify
 from mq_core.plugins.lookup import (
     get_backend,
     get_entry,
@@ -45,15 +48,12 @@ from mq_core.plugins.lookup import (
     list_qconfigs,
     list_runtimes,
 )
-from mq_core.prepare import PrepareInfo, prepare, prepare_info
-from mq_core.ptq import PTQMethod, ptq
 from mq_core.quant.fake_quant import FakeQuantizer, FixedFakeQuantizer
 from mq_core.quant.observers.base import Observer
 from mq_core.quant.qconfig import QConfig, QConfigPreset, QuantizerSpec
 from mq_core.quant.scheme import QuantScheme
 from mq_core.runtimes.base import Runtime
 from mq_core.summary import summary
-from mq_core.verify import VerificationReport, verify
 
 __all__ = [
     "Artifact",

@@ -10,9 +10,9 @@ from typing import Any
 
 from mq_core.backend import Backend
 from mq_core.export.qdq import QDQExporter
+from mq_core.graph.patterns import standard_patterns
 from mq_core.graph.policy import output_placement
 from mq_core.hookspecs import hookimpl
-from mq_core.nn.patterns import standard_patterns
 from mq_core.nn.qat import QAT_MODULES
 from mq_core.quant.fake_quant import FixedFakeQuantizer
 from mq_core.quant.observers.clip_std import ClipStdObserver

@@ -32,7 +32,7 @@ from torch import nn
 from mq_core.backend import Backend
 from mq_core.errors import ConfigError, MQError, SchemeError
 from mq_core.io import atomic_torch_save
-from mq_core.prepare import MODES, NOT_IMPORTABLE, PrepareInfo, object_ref, prepare, prepare_info, resolve_ref
+from mq_core.pipeline.prepare import MODES, NOT_IMPORTABLE, PrepareInfo, object_ref, prepare, prepare_info, resolve_ref
 from mq_core.quant.fake_quant import FakeQuantizer
 from mq_core.quant.observers.base import Observer
 from mq_core.quant.qconfig import QConfig

@@ -11,7 +11,6 @@ and its pytest fixtures) is public too. Everything else under ``mq_core`` is int
 from __future__ import annotations
 
 from mq_core.backend import Backend
-from mq_core.calibration import disable_all, num_inputs, quantizers, run_batch
 from mq_core.errors import (
     CalibrationError,
     ConfigError,
@@ -38,8 +37,9 @@ from mq_core.graph.policy import PlacementPolicy, input_placement, output_placem
 from mq_core.hookspecs import hookimpl
 from mq_core.nn.bn_fold import bn_scale_factor, channel_view
 from mq_core.nn.qat import QATBnModule, QATModule
-from mq_core.prepare import prepare_info
-from mq_core.ptq import PTQMethod
+from mq_core.pipeline.calibrate import disable_all, num_inputs, quantizers, run_batch
+from mq_core.pipeline.prepare import prepare_info
+from mq_core.pipeline.ptq import PTQMethod
 from mq_core.quant.fake_quant import FakeQuantizer
 from mq_core.quant.functional import along_axis, fake_quantize, quantize
 from mq_core.quant.observers.base import Observer, channels_first

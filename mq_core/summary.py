@@ -11,12 +11,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from mq_core.calibration import quantizers
-from mq_core.cli.table import render_table
 from mq_core.errors import ExportError
-from mq_core.prepare import prepare_info
+from mq_core.pipeline.calibrate import quantizers
+from mq_core.pipeline.prepare import prepare_info
 from mq_core.quant.fake_quant import FakeQuantizer
 from mq_core.quant.scheme import QuantScheme
+from mq_core.text import render_table
 
 
 def _qparams(fq: FakeQuantizer) -> str:

@@ -13,12 +13,13 @@ from torch import nn
 from mq_core.checkpoint import inputs_from_specs, load_checkpoint, restore
 from mq_core.cli.loading import build_model, load_tensor_file, parse_key_value
 from mq_core.cli.quantize import DEMO_MODEL_REF
-from mq_core.cli.table import render_table
 from mq_core.errors import ConfigError
-from mq_core.export import ExportResult, export
+from mq_core.export import ExportResult
+from mq_core.pipeline.export import export
+from mq_core.pipeline.verify import inputs_like, verify
 from mq_core.plugins.manager import get_manager
 from mq_core.summary import checkpoint_summary, summary
-from mq_core.verify import inputs_like, verify
+from mq_core.text import render_table
 
 #: Model factories a checkpoint may name without the user's confirmation: mq's own, listed one by one (a prefix such
 #: as "mq_core." would also admit "mq_core.cli.main:main" and every other function mq ships).

@@ -23,8 +23,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from mq_core.calibration import iter_batches
 from mq_core.errors import ConfigError, MQError, describe_exception
+from mq_core.pipeline.calibrate import iter_batches
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
 

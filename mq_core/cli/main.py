@@ -13,12 +13,12 @@ from typing import Any
 
 import click
 
-from mq_core import __version__
+from mq_core._version import __version__
 from mq_core.cli.export import export_command, exporters_command, inspect_command, verify_command
 from mq_core.cli.quantize import quantize_command
-from mq_core.cli.table import render_table
 from mq_core.errors import MQError
 from mq_core.plugins.manager import get_manager
+from mq_core.text import render_table
 
 
 class MQGroup(click.Group):

@@ -20,10 +20,10 @@ import torch
 from torch import nn
 
 from mq_core.cli.loading import build_model, calibration_batches, load_object, parse_key_value
-from mq_core.cli.table import render_table
 from mq_core.errors import ConfigError, MQError, describe_exception
+from mq_core.pipeline.workflow import QuantizeSummary, RuntimeModule, quantize_for_backends
 from mq_core.plugins.lookup import get_ptq_method, list_backends
-from mq_core.workflow import QuantizeSummary, RuntimeModule, quantize_for_backends
+from mq_core.text import render_table
 
 if sys.version_info >= (3, 11):
     import tomllib

@@ -27,7 +27,7 @@ import onnx
 import torch
 from torch import nn
 
-from mq_core import __version__
+from mq_core._version import __version__
 from mq_core.errors import ExportError
 from mq_core.export.deploy import DeployLayer, DeployQuantizer, deploy_view
 from mq_core.export.onnx_graph import Graph, make_node

@@ -25,9 +25,9 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from mq_core.calibration import quantizers
 from mq_core.errors import ExportError
 from mq_core.export import ops  # noqa: F401  (registers the mq:: custom ops)
+from mq_core.pipeline.calibrate import quantizers
 from mq_core.quant.fake_quant import FakeQuantizer
 from mq_core.quant.functional import quantize
 from mq_core.quant.scheme import QuantScheme

@@ -74,7 +74,7 @@ def core_version() -> str:
     try:
         return importlib_metadata.version(CORE_DISTRIBUTION)
     except importlib_metadata.PackageNotFoundError:
-        from mq_core import __version__
+        from mq_core._version import __version__
 
         return __version__
 

@@ -23,15 +23,15 @@ import torch
 from torch import nn
 
 from mq_core.backend import Backend
-from mq_core.calibration import calibrate, quantizers
-from mq_core.export import export_many
 from mq_core.export.deploy import deploy_view
+from mq_core.pipeline.calibrate import calibrate, quantizers
+from mq_core.pipeline.export import export_many
+from mq_core.pipeline.prepare import prepare
+from mq_core.pipeline.verify import VerificationReport, simulate, verify
 from mq_core.plugins.lookup import get_backend
-from mq_core.prepare import prepare
 from mq_core.quant.qconfig import QConfig
 from mq_core.quant.scheme import QuantScheme
 from mq_core.testing.zoo import ZOO
-from mq_core.verify import VerificationReport, simulate, verify
 
 #: Default bound on ``||simulated - float|| / ||float||`` per output. 8-bit grids stay under 0.02 on the zoo and
 #: power-of-two scales under 0.11; a simulation that saturates its activations is near 1. Grids under 8 bits

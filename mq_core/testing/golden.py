@@ -33,8 +33,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from mq_core.calibration import quantizers
 from mq_core.errors import UnknownNameError
+from mq_core.pipeline.calibrate import quantizers
 
 __all__ = ["TinyNet", "set_qparams", "tiny_inputs"]
 
@@ -126,7 +126,7 @@ def tiny_inputs(
 def set_qparams(qmodel: nn.Module, qparams: Mapping[str, tuple[Any, Any]]) -> None:
     """Set the scale and zero point of quantizers by name: ``{name: (scale, zero_point)}``.
 
-    Names are those of :func:`mq_core.calibration.quantizers` (``mq.quantizers``), e.g. ``"x_fq"`` or
+    Names are those of :func:`mq_core.pipeline.calibrate.quantizers` (``mq.quantizers``), e.g. ``"x_fq"`` or
     ``"conv.weight_fake_quant"``. A scale is a float, or a list with one value per channel for a per-channel
     quantizer; a zero point is an int, or a list of the same length (a single int is used for every channel).
     Quantizers not named keep their qparams. Call it after calibration: calibration would overwrite them.

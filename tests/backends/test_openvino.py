@@ -20,9 +20,9 @@ from onnx import TensorProto, helper
 from torch import nn
 
 import mq_core as mq
-from mq_core.export import export_many
 from mq_core.export.onnx_graph import Graph
 from mq_core.export.quant_table import TensorQuant
+from mq_core.pipeline.export import export_many
 from mq_core.runtimes.cpu import int8_may_saturate
 from mq_core.testing import golden
 from mq_core.testing.zoo import ZOO

@@ -21,8 +21,8 @@ from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
 import mq_core as mq
-from mq_core.export import export_many
 from mq_core.export.onnx_graph import Graph
+from mq_core.pipeline.export import export_many
 from mq_core.runtimes.onnxruntime import OnnxRuntime
 from mq_core.testing import golden
 from mq_core.testing.zoo import ZOO

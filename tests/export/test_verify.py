@@ -11,8 +11,8 @@ import pytest
 
 import mq_core as mq
 from mq_core.export.onnx_graph import Graph
+from mq_core.pipeline.verify import STEP_EPSILON
 from mq_core.testing.zoo import ZOO
-from mq_core.verify import STEP_EPSILON
 
 
 @pytest.fixture(scope="module")

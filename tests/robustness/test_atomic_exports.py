@@ -26,8 +26,8 @@ import mq_core.io
 from mq_core.cli.main import cli
 from mq_core.export.exporter import is_export_folder
 from mq_core.io import staged_directory
+from mq_core.pipeline.workflow import quantize_for_backend
 from mq_core.testing.zoo import ZOO
-from mq_core.workflow import quantize_for_backend
 
 MODEL_REF = "mq_core.testing.zoo:MLPBN"
 Snapshot = dict[str, str] | None

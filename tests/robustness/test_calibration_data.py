@@ -17,7 +17,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 import mq_core as mq
-from mq_core.calibration import iter_batches, model_inputs
+from mq_core.pipeline.calibrate import iter_batches, model_inputs
 from mq_core.quant.scheme import QuantScheme
 
 

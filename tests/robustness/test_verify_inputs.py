@@ -12,8 +12,8 @@ from cli_harness import assert_clean_error, invoke
 from torch import nn
 
 import mq_core as mq
+from mq_core.pipeline.workflow import RuntimeModule
 from mq_core.plugins.lookup import get_runtime
-from mq_core.workflow import RuntimeModule
 
 
 class TokenClassifier(nn.Module):

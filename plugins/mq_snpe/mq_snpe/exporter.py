@@ -24,7 +24,7 @@ import onnx
 from mq_core.errors import ConfigError, ExportError
 from mq_core.export.exporter import ExportContext, Exporter, ExportResult, Runnable
 from mq_core.export.ranges import in_graph_order, propagate_through_passthrough, rebuild_qdq, uncovered_tensors
-from mq_core.prepare import prepare_info
+from mq_core.pipeline.prepare import prepare_info
 from mq_snpe.encodings import FORMATS, LEGACY, V1, encoded_names, quantizer_args, read_encodings, to_aimet
 
 log = logging.getLogger(__name__)

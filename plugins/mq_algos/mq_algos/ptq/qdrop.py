@@ -10,7 +10,7 @@ from torch import nn
 from mq_algos.ptq.brecq import BRECQConfig
 from mq_algos.ptq.reconstruction import reconstruct
 from mq_core.errors import ConfigError
-from mq_core.ptq import PTQMethod
+from mq_core.pipeline.ptq import PTQMethod
 
 
 @dataclass(frozen=True)

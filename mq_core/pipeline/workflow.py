@@ -21,17 +21,18 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from mq_core.calibration import calibrate, model_inputs
 from mq_core.checkpoint import save_checkpoint
 from mq_core.errors import CalibrationError, MQError, VerificationError
-from mq_core.export import ExportResult, export_many
+from mq_core.export import ExportResult
 from mq_core.export.exporter import is_export_folder
 from mq_core.io import check_replaceable, check_writable, staged_directory
+from mq_core.pipeline.calibrate import calibrate, model_inputs
+from mq_core.pipeline.export import export_many
+from mq_core.pipeline.prepare import prepare
+from mq_core.pipeline.ptq import ptq
+from mq_core.pipeline.verify import VerificationReport, feeds, verify
 from mq_core.plugins.lookup import get_backend, get_exporter, get_runtime
-from mq_core.prepare import prepare
-from mq_core.ptq import ptq
 from mq_core.runtimes import isolation
-from mq_core.verify import VerificationReport, feeds, verify
 
 log = logging.getLogger(__name__)
 
@@ -165,8 +166,8 @@ def _first_batch(calib: Iterable[Any]) -> Any:
 
 def _example_inputs(model: nn.Module, first: Any) -> tuple[Any, ...]:
     """The inputs ``prepare`` traces with, from the first calibration batch by the one data rule that calibration
-    applies to every batch (``mq_core.calibration.model_inputs``): a tensor, the first item of an ``(x, y)`` tuple,
-    or the dict entry named like the first parameter of the model's ``forward``."""
+    applies to every batch (``mq_core.pipeline.calibrate.model_inputs``): a tensor, the first item of an
+    ``(x, y)`` tuple, or the dict entry named like the first parameter of the model's ``forward``."""
     args, kwargs = model_inputs(model, first, n_inputs=1)
     if args:
         return args

@@ -29,18 +29,18 @@ import onnx
 import torch
 from torch import nn
 
-from mq_core.calibration import quantizers
-from mq_core.cli.table import render_table
 from mq_core.errors import ConfigError, MQError, UnknownNameError, VerificationError
 from mq_core.export.canonical import _tensor_table
 from mq_core.export.deploy import deploy_view
 from mq_core.export.exporter import ExportResult
 from mq_core.export.quant_table import QuantTable, TensorQuant
+from mq_core.pipeline.calibrate import quantizers
+from mq_core.pipeline.prepare import as_inputs, prepare_info
 from mq_core.plugins.lookup import get_backend, get_exporter, get_runtime, list_runtimes
-from mq_core.prepare import as_inputs, prepare_info
 from mq_core.quant.fake_quant import FakeQuantizer
 from mq_core.quant.scheme import SCALE_EPS
 from mq_core.runtimes import isolation
+from mq_core.text import render_table
 
 DEFAULT_TOLERANCE = 1.0
 STEP_EPSILON = 1e-3

@@ -14,10 +14,10 @@ from typing import Any, ClassVar
 
 from torch import nn
 
-from mq_core.calibration import iter_batches, model_inputs, quantizers
 from mq_core.errors import CalibrationError, ConfigError
+from mq_core.pipeline.calibrate import iter_batches, model_inputs, quantizers
+from mq_core.pipeline.prepare import prepare_info
 from mq_core.plugins.lookup import get_ptq_method
-from mq_core.prepare import prepare_info
 
 
 class PTQMethod:
@@ -89,7 +89,7 @@ def ptq(
 
     Args:
         method: a name (``"adaround"``, ``"brecq"``, ``"qdrop"``) or a PTQMethod.
-        data: calibration data, by ``mq.calibrate``'s rule (``mq_core.calibration.iter_batches``): a tensor
+        data: calibration data, by ``mq.calibrate``'s rule (``mq_core.pipeline.calibrate.iter_batches``): a tensor
             ``[N, ...]`` of samples, a Dataset, a DataLoader or an iterable of batches (mq-algos'
             methods use every sample, so how a tensor is split into batches does not matter to them).
         config: the method's ``Config``; or pass its fields as keyword ``overrides``.

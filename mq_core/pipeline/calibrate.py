@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from mq_core.errors import CalibrationError, ConfigError, MQError, describe_exception
-from mq_core.prepare import PrepareInfo, prepare_info
+from mq_core.pipeline.prepare import PrepareInfo, prepare_info
 from mq_core.quant.fake_quant import FakeQuantizer
 
 log = logging.getLogger(__name__)

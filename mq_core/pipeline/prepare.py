@@ -58,7 +58,7 @@ class PrepareInfo:
     #: prepared for a ``Backend`` object that is not the installed backend of its name: a name cannot rebuild it
     custom_backend: bool = False
     #: shape and dtype of each example input (None for one that is not a tensor): calibration data is checked
-    #: against them (``mq_core.calibration.model_inputs``). Checkpoints store them beside ``info`` as "inputs".
+    #: against them (``mq_core.pipeline.calibrate.model_inputs``). Checkpoints store them beside ``info`` as "inputs".
     inputs: list[dict[str, Any] | None] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
