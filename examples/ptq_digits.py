@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     # 0. Resolve the target and its qconfig first, so a typo or a preset the target cannot run (TensorRT and
     #    4 bits) fails at once, with the list of what is installed, before any work is done.
     backend = mq.get_backend(args.backend)
-    qconfig = backend.resolve_qconfig(args.qconfig)
+    qconfig = mq.resolve_qconfig(backend, args.qconfig)
 
     # 1. Data and the float model. Calibration uses training images only; accuracy is measured on the held-out
     #    test split, so nothing the quantizer saw is used to judge it.

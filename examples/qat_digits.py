@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     # 0. Resolve the target and its qconfig first: a typo, a missing plugin (w4a4-lsq comes from mq-algos) or a
     #    target that cannot run 4 bits (TensorRT) fails at once, before any work is done.
     backend = mq.get_backend(args.backend)
-    qconfig = backend.resolve_qconfig(args.qconfig)
+    qconfig = mq.resolve_qconfig(backend, args.qconfig)
 
     # 1. Data and the float model; accuracy is always measured on the held-out test split.
     data = load_digits()

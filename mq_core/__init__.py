@@ -26,10 +26,11 @@ from mq_core.export import Artifact, Exporter, ExportResult
 from mq_core.graph.policy import PlacementPolicy, input_placement, output_placement
 from mq_core.hookspecs import hookimpl
 from mq_core.nn import FrozenBatchNorm2d, freeze_bn, unfreeze_bn
-from mq_core.pipeline.calibrate import calibrate, disable_all, enable_calibration, enable_quantization, quantizers
+from mq_core.pipeline.calibrate import calibrate
 from mq_core.pipeline.export import export
 from mq_core.pipeline.prepare import PrepareInfo, prepare, prepare_info
 from mq_core.pipeline.ptq import PTQMethod, ptq
+from mq_core.pipeline.resolve import resolve_qconfig
 from mq_core.pipeline.verify import VerificationReport, verify
 from mq_core.plugins.lookup import (
     get_backend,
@@ -52,6 +53,7 @@ from mq_core.quant.fake_quant import FakeQuantizer, FixedFakeQuantizer
 from mq_core.quant.observers.base import Observer
 from mq_core.quant.qconfig import QConfig, QConfigPreset, QuantizerSpec
 from mq_core.quant.scheme import QuantScheme
+from mq_core.quant.switches import disable_all, enable_calibration, enable_quantization, quantizers
 from mq_core.runtimes.base import Runtime
 from mq_core.summary import summary
 
@@ -112,6 +114,7 @@ __all__ = [
     "prepare_info",
     "ptq",
     "quantizers",
+    "resolve_qconfig",
     "restore",
     "save_checkpoint",
     "summary",

@@ -2,7 +2,8 @@
 
 A plugin registers one ``Backend`` per target through ``register_backends``. The core reads it to pick grids and
 observers (``qconfig``), to place activation quantizers (``placement``), to refuse bit widths the target's runtime
-cannot run, and to find the exporters and runtimes that produce and check its artifacts.
+cannot run, and to find the exporters and runtimes that produce and check its artifacts. It is data and validation
+only: ``mq_core.pipeline.resolve.resolve_qconfig`` applies a preset to its default qconfig.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from typing import Any
 
 from mq_core.errors import SchemeError
 from mq_core.graph.policy import PlacementPolicy
-from mq_core.quant.qconfig import QConfig, QConfigPreset
+from mq_core.quant.qconfig import QConfig
 
 
 @dataclass(frozen=True)
@@ -43,19 +44,6 @@ class Backend:
     @property
     def default_exporter(self) -> str:
         return self.exporters[0]
-
-    def resolve_qconfig(self, qconfig: QConfig | QConfigPreset | str | None = None) -> QConfig:
-        """The QConfig to use: the backend default, a preset applied to it, or a full QConfig; validated."""
-        from mq_core.plugins.lookup import get_qconfig
-
-        if qconfig is None:
-            resolved = self.qconfig
-        elif isinstance(qconfig, QConfig):
-            resolved = qconfig
-        else:
-            resolved = get_qconfig(qconfig).apply(self.qconfig)
-        self.check(resolved)
-        return resolved
 
     def check(self, qconfig: QConfig) -> None:
         """Refuse bit widths this target cannot execute, with the reason and an alternative."""

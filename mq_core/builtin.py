@@ -6,15 +6,16 @@ Registered through the same hooks as third-party plugins (the core eats its own 
 
 from __future__ import annotations
 
-from typing import Any
-
 from mq_core.backend import Backend
+from mq_core.export.exporter import Exporter
 from mq_core.export.qdq import QDQExporter
+from mq_core.graph.fusion import FusionPattern
 from mq_core.graph.patterns import standard_patterns
 from mq_core.graph.policy import output_placement
-from mq_core.hookspecs import hookimpl
+from mq_core.hookspecs import Register, RegisterQATModule, hookimpl
 from mq_core.nn.qat import QAT_MODULES
-from mq_core.quant.fake_quant import FixedFakeQuantizer
+from mq_core.quant.fake_quant import FakeQuantizer, FixedFakeQuantizer
+from mq_core.quant.observers.base import Observer
 from mq_core.quant.observers.clip_std import ClipStdObserver
 from mq_core.quant.observers.kl import KLObserver
 from mq_core.quant.observers.minmax import EMAMinMaxObserver, MinMaxObserver
@@ -22,6 +23,7 @@ from mq_core.quant.observers.mse import MSEObserver
 from mq_core.quant.observers.percentile import PercentileObserver
 from mq_core.quant.qconfig import QConfig, QConfigPreset, QuantizerSpec
 from mq_core.quant.scheme import INT8_SYM_PER_CHANNEL, UINT8_AFFINE
+from mq_core.runtimes.base import Runtime
 from mq_core.runtimes.onnxruntime import OnnxRuntime, OnnxRuntimeOptimized
 
 QDQ_BACKEND = Backend(
@@ -64,7 +66,7 @@ PRESETS = (
 
 
 @hookimpl
-def register_observers(register: Any) -> None:
+def register_observers(register: Register[type[Observer]]) -> None:
     register(MinMaxObserver, name="minmax")
     register(EMAMinMaxObserver, name="ema_minmax", aliases=("ema",))
     register(PercentileObserver, name="percentile", aliases=("ema_quantile",))
@@ -74,39 +76,39 @@ def register_observers(register: Any) -> None:
 
 
 @hookimpl
-def register_fake_quantizers(register: Any) -> None:
+def register_fake_quantizers(register: Register[type[FakeQuantizer]]) -> None:
     register(FixedFakeQuantizer, name="fixed")
 
 
 @hookimpl
-def register_qconfigs(register: Any) -> None:
+def register_qconfigs(register: Register[QConfigPreset]) -> None:
     for preset in PRESETS:
         register(preset)
 
 
 @hookimpl
-def register_backends(register: Any) -> None:
+def register_backends(register: Register[Backend]) -> None:
     register(QDQ_BACKEND)
 
 
 @hookimpl
-def register_fusion_patterns(register: Any) -> None:
+def register_fusion_patterns(register: Register[FusionPattern]) -> None:
     for pattern in standard_patterns():
         register(pattern)
 
 
 @hookimpl
-def register_qat_modules(register: Any) -> None:
+def register_qat_modules(register: RegisterQATModule) -> None:
     for float_type, qat_type in QAT_MODULES.items():
         register(float_type, qat_type)
 
 
 @hookimpl
-def register_exporters(register: Any) -> None:
+def register_exporters(register: Register[Exporter]) -> None:
     register(QDQExporter())
 
 
 @hookimpl
-def register_runtimes(register: Any) -> None:
+def register_runtimes(register: Register[Runtime]) -> None:
     register(OnnxRuntime())
     register(OnnxRuntimeOptimized())

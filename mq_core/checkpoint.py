@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import logging
 import math
 import os
 import sys
@@ -32,11 +33,14 @@ from torch import nn
 from mq_core.backend import Backend
 from mq_core.errors import ConfigError, MQError, SchemeError
 from mq_core.io import atomic_torch_save
-from mq_core.pipeline.prepare import MODES, NOT_IMPORTABLE, PrepareInfo, object_ref, prepare, prepare_info, resolve_ref
+from mq_core.pipeline.prepare import MODES, NOT_IMPORTABLE, PrepareInfo, object_ref, prepare, prepare_info
+from mq_core.pipeline.resolve import import_ref
 from mq_core.quant.fake_quant import FakeQuantizer
 from mq_core.quant.observers.base import Observer
 from mq_core.quant.qconfig import QConfig
 from mq_core.quant.scheme import QuantScheme
+
+log = logging.getLogger(__name__)
 
 FORMAT = "mq-checkpoint/1"
 #: Most elements of one recorded example input: restoring allocates it, and a crafted file must not exhaust memory.
@@ -254,10 +258,14 @@ def _validate_input(spec: Any, where: str) -> None:
 
 
 def _resolve(item: str, use: str, label: str, override: str, trust: bool) -> Any:
-    """A recorded ``"module:qualname"`` reference, found as ``resolve_ref`` allows (importing only with ``trust``)
+    """A recorded ``"module:qualname"`` reference, found as ``import_ref`` allows (importing only with ``trust``)
     and checked to be of the kind its use needs; a clear error naming the reference and how to allow it."""
     what, fits = _KINDS[use]
-    obj = resolve_ref(item, allow_import=trust)
+    try:
+        obj = import_ref(item, allow_import=trust)
+    except Exception as exc:  # any failure of a named module (ImportError, SyntaxError, raising at import), or no attr
+        log.debug("cannot resolve %r: %s: %s", item, type(exc).__name__, exc)
+        obj = None
     module = item.partition(":")[0]
     if obj is None and not trust and module not in sys.modules:
         raise ConfigError(

@@ -7,6 +7,9 @@ tests can tell the failure classes apart; they add no behaviour.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from typing import Any
+
 
 class MQError(Exception):
     """Base class of all user-facing errors; ``str(err)`` is the whole explanation, fix included."""
@@ -52,3 +55,11 @@ def describe_exception(exc: BaseException) -> str:
     """``Type: message`` of an exception from user code or a library, on one line without a closing period, so an
     ``MQError`` quoting it stays one paragraph (torch and fx messages often span lines)."""
     return f"{type(exc).__name__}: {' '.join(str(exc).split())}".rstrip(".: ")
+
+
+def check_choice(option: str, value: Any, choices: Iterable[Any], hint: str = "") -> None:
+    """Refuse an option value outside ``choices`` with one ``ConfigError`` wording for every exporter and plugin;
+    ``hint`` (a sentence, starting with a space) says what the choices are for."""
+    allowed = list(choices)
+    if value not in allowed:
+        raise ConfigError(f"option {option} must be one of {allowed}, got {value!r}.{hint}")

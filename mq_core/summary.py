@@ -12,10 +12,10 @@ import torch
 from torch import nn
 
 from mq_core.errors import ExportError
-from mq_core.pipeline.calibrate import quantizers
 from mq_core.pipeline.prepare import prepare_info
 from mq_core.quant.fake_quant import FakeQuantizer
 from mq_core.quant.scheme import QuantScheme
+from mq_core.quant.switches import quantizers
 from mq_core.text import render_table
 
 

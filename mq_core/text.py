@@ -1,4 +1,4 @@
-"""Plain-text tables for the CLI (no extra dependency; wraps nothing, pads columns)."""
+"""Plain text for messages and the CLI: tables (no extra dependency; wraps nothing, pads columns) and short lists."""
 
 from __future__ import annotations
 
@@ -12,3 +12,9 @@ def render_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in cells]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+def shorten(items: Sequence[str], limit: int = 8) -> str:
+    """The first ``limit`` items, comma-separated, with `` ...`` when some were left out: a message names enough
+    examples to act on without printing thousands of tensor names."""
+    return ", ".join(items[:limit]) + (" ..." if len(items) > limit else "")

@@ -10,6 +10,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+import torch
 
 import mq_core.plugins
 
@@ -56,6 +57,20 @@ def plugin_env(monkeypatch: pytest.MonkeyPatch, fixture_site: Path) -> Iterator[
     importlib.invalidate_caches()
     yield activate
     mq_core.plugins.reset()
+
+
+@pytest.fixture
+def deterministic() -> Iterator[None]:
+    """A fixed seed, and one intra-op thread for the duration of the test (the models are tiny; on a loaded 2-core
+    machine a second thread only adds contention, ~4x the run time). A module opts in with
+    ``pytestmark = pytest.mark.usefixtures("deterministic")``."""
+    torch.manual_seed(0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 @pytest.fixture(autouse=True)

@@ -8,7 +8,6 @@ memory and an endless loader works with ``--num-batches``.
 
 from __future__ import annotations
 
-import importlib
 import itertools
 import json
 import os
@@ -25,6 +24,7 @@ from torch import nn
 
 from mq_core.errors import ConfigError, MQError, describe_exception
 from mq_core.pipeline.calibrate import iter_batches
+from mq_core.pipeline.resolve import import_ref, is_ref
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
 
@@ -41,11 +41,17 @@ def parse_key_value(text: str, what: str) -> tuple[str, Any]:
         return key, value
 
 
-def _import_module(ref: str, module_name: str, what: str) -> Any:
-    """Import the user's module; whatever goes wrong in it (syntax, a failing import, an exception raised at import
-    time) is reported with the file and line, instead of a traceback."""
+def load_object(ref: str, what: str) -> Any:
+    """Resolve ``pkg.module:attr`` with ``import_ref`` (the current directory is importable, as with ``python -m``);
+    whatever goes wrong in the user's module (syntax, a failing import, an exception raised at import time, a missing
+    attribute) is one ``ConfigError`` naming the option, with the file and line where there is one."""
+    if not is_ref(ref):
+        raise ConfigError(f"--{what} must look like 'package.module:name' (e.g. 'mymodels.resnet:build'), got {ref!r}.")
+    module_name, _, attr = ref.partition(":")
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
     try:
-        return importlib.import_module(module_name)
+        return import_ref(ref, allow_import=True)
     except SyntaxError as exc:  # also IndentationError: the file and line are in the exception itself
         raise ConfigError(
             f"--{what} {ref!r}: module {module_name!r} has a syntax error at {exc.filename}, line {exc.lineno}: "
@@ -56,27 +62,21 @@ def _import_module(ref: str, module_name: str, what: str) -> Any:
             f"--{what} {ref!r}: cannot import module {module_name!r} ({exc}). Check the module path and that its "
             "package is installed or in the current directory."
         ) from exc
+    except AttributeError as exc:
+        if module_name in sys.modules:  # imported fine (a module whose import fails is not kept): the name is missing
+            raise ConfigError(f"--{what} {ref!r}: module {module_name!r} has no attribute {attr!r}.") from exc
+        raise _import_failed(ref, module_name, what, exc) from exc
     except Exception as exc:
-        frame = traceback.extract_tb(exc.__traceback__)[-1]
-        raise ConfigError(
-            f"--{what} {ref!r}: importing module {module_name!r} raised {describe_exception(exc)} (at "
-            f"{frame.filename}, line {frame.lineno}). Fix the module so that importing it succeeds."
-        ) from exc
+        raise _import_failed(ref, module_name, what, exc) from exc
 
 
-def load_object(ref: str, what: str) -> Any:
-    """Resolve ``pkg.module:attr`` (the current directory is importable, as with ``python -m``)."""
-    module_name, sep, attr = ref.partition(":")
-    if not sep or not module_name or not attr:
-        raise ConfigError(f"--{what} must look like 'package.module:name' (e.g. 'mymodels.resnet:build'), got {ref!r}.")
-    if os.getcwd() not in sys.path:
-        sys.path.insert(0, os.getcwd())
-    obj = _import_module(ref, module_name, what)
-    for part in attr.split("."):
-        if not hasattr(obj, part):
-            raise ConfigError(f"--{what} {ref!r}: module {module_name!r} has no attribute {attr!r}.")
-        obj = getattr(obj, part)
-    return obj
+def _import_failed(ref: str, module_name: str, what: str, exc: Exception) -> ConfigError:
+    """The module's own code raised while it was imported: say where."""
+    frame = traceback.extract_tb(exc.__traceback__)[-1]
+    return ConfigError(
+        f"--{what} {ref!r}: importing module {module_name!r} raised {describe_exception(exc)} (at "
+        f"{frame.filename}, line {frame.lineno}). Fix the module so that importing it succeeds."
+    )
 
 
 def build_model(ref: str, weights: str | None = None) -> nn.Module:

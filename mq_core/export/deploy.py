@@ -27,10 +27,11 @@ from torch import fx, nn
 
 from mq_core.errors import ExportError
 from mq_core.export import ops  # noqa: F401  (registers the mq:: custom ops)
-from mq_core.pipeline.calibrate import quantizers
 from mq_core.quant.fake_quant import FakeQuantizer
 from mq_core.quant.functional import quantize
 from mq_core.quant.scheme import QuantScheme
+from mq_core.quant.switches import quantizers
+from mq_core.text import shorten
 
 log = logging.getLogger(__name__)
 
@@ -218,9 +219,8 @@ def deploy_view(qmodel: nn.Module) -> nn.Module:
     ``mq_shared_tensors`` maps each quantized tensor computed only once to the tensor that stands for it."""
     missing = uncalibrated(qmodel)
     if missing:
-        shown = ", ".join(missing[:8]) + (" ..." if len(missing) > 8 else "")
         raise ExportError(
-            f"cannot export before calibration: {len(missing)} quantizer(s) have no qparams ({shown}). Run "
+            f"cannot export before calibration: {len(missing)} quantizer(s) have no qparams ({shorten(missing)}). Run "
             "mq.calibrate(qmodel, data) first."
         )
     model = copy.deepcopy(qmodel).eval()

@@ -168,15 +168,19 @@ def _annotate_output(
 
 
 def materialize(
-    gm: fx.GraphModule, ann: Annotation, spec: QuantizerSpec, exact: bool = True
+    gm: fx.GraphModule, ann: Annotation, spec: QuantizerSpec, build: Callable[[QuantizerSpec], nn.Module]
 ) -> dict[str, nn.Module]:
-    """Insert one fake quantizer per annotated tensor; returns {module name: quantizer}."""
+    """Insert one fake quantizer per annotated tensor; returns {module name: quantizer}.
+
+    ``build`` turns a spec into a quantizer (the caller resolves observer and quantizer names: the graph layer
+    never looks names up). A tensor known to be non-negative gets the unsigned variant of a signed ``spec``.
+    """
     created: dict[str, nn.Module] = {}
     for producer, record in ann.tensors.items():
         qspec = spec
         if record.unsigned and spec.scheme.signed:
             qspec = spec.replace(scheme=spec.scheme.replace(signed=False, narrow_range=False))
-        fq = qspec.build(exact=exact)
+        fq = build(qspec)
         name = _free_name(gm, f"{producer.name}_fq")
         fq.qname = name
         fq.tensor = producer.name

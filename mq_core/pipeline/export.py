@@ -4,28 +4,26 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 from pathlib import Path
 from typing import Any
 
 import onnx
+import torch
 from torch import nn
 
 from mq_core.backend import Backend
 from mq_core.errors import ExportError
 from mq_core.export.canonical import export_qdq_onnx
-from mq_core.export.exporter import (
-    MANIFEST,
-    ExportContext,
-    Exporter,
-    ExportResult,
-    build_manifest,
-    is_export_folder,
-)
+from mq_core.export.exporter import ExportContext, Exporter, ExportResult
+from mq_core.export.manifest import MANIFEST, build_manifest, is_export_folder
 from mq_core.io import atomic_write_text, check_replaceable, check_writable, staged_directory
-from mq_core.pipeline.prepare import as_inputs, prepare_info
-from mq_core.plugins.lookup import get_backend, get_entry, get_exporter
+from mq_core.pipeline.prepare import PrepareInfo, as_inputs, prepare_info
+from mq_core.plugins.lookup import get_entry, get_exporter
+from mq_core.plugins.manager import core_version, get_manager
+from mq_core.plugins.registry import CORE_DISTRIBUTION
 
-__all__ = ["EXPORT_FOLDER", "export", "export_many"]
+__all__ = ["EXPORT_FOLDER", "export", "export_many", "versions"]
 
 
 def _input_specs(model: onnx.ModelProto) -> list[dict[str, Any]]:
@@ -72,13 +70,13 @@ def export(
     existing ``out_dir`` is replaced only when it is empty or an earlier mq export. Returns an ``ExportResult`` for
     ``mq.verify``. ``options`` are the exporter's (see ``mq exporters``).
     """
-    backend = get_backend(prepare_info(qmodel).backend)
-    chosen = _exporter_for(backend, exporter)
+    info = prepare_info(qmodel)
+    chosen = _exporter_for(info.target, exporter)
     parsed = chosen.parse_options(options)
-    backend.check(prepare_info(qmodel).qconfig)
+    info.target.check(info.qconfig)
     out = _check_out(Path(out_dir))
     qdq_model, table = export_qdq_onnx(qmodel, as_inputs(example_inputs))
-    return _run_exporter(qmodel, backend, chosen, parsed, qdq_model, table, out)
+    return _run_exporter(qmodel, info, chosen, parsed, qdq_model, table, out)
 
 
 def export_many(
@@ -92,23 +90,37 @@ def export_many(
     The canonical QDQ ONNX is exported once and shared, which is what makes this cheaper than repeated
     ``export`` calls. Each ``out_dir/<exporter>/`` is replaced as a whole, as by ``export``.
     """
-    backend = get_backend(prepare_info(qmodel).backend)
-    chosen = [_exporter_for(backend, name) for name in (exporters or backend.exporters)]
-    backend.check(prepare_info(qmodel).qconfig)
+    info = prepare_info(qmodel)
+    chosen = [_exporter_for(info.target, name) for name in (exporters or info.target.exporters)]
+    info.target.check(info.qconfig)
     folders = {e.name: _check_out(Path(out_dir) / e.name) for e in chosen}
     qdq_model, table = export_qdq_onnx(qmodel, as_inputs(example_inputs))
-    return {e.name: _run_exporter(qmodel, backend, e, e.parse_options({}), qdq_model, table, folders[e.name])
+    return {e.name: _run_exporter(qmodel, info, e, e.parse_options({}), qdq_model, table, folders[e.name])
             for e in chosen}
 
 
+def versions(backend_distribution: str | None = None) -> dict[str, str]:
+    """What the manifest records as provenance: mq's, torch's, onnx's and Python's versions, and the version of the
+    distribution that provides the backend (when it is a plugin, as the plugin manager loaded it)."""
+    data = {CORE_DISTRIBUTION: core_version(), "torch": torch.__version__, "onnx": onnx.__version__,
+            "python": platform.python_version()}
+    if backend_distribution and backend_distribution != CORE_DISTRIBUTION:
+        record = get_manager().record_for(backend_distribution)
+        if record is not None:
+            data[record.distribution] = record.version
+    return data
+
+
 def _run_exporter(
-    qmodel: nn.Module, backend: Backend, chosen: Exporter, parsed: Any, qdq_model: onnx.ModelProto,
+    qmodel: nn.Module, info: PrepareInfo, chosen: Exporter, parsed: Any, qdq_model: onnx.ModelProto,
     table: dict[str, Any], out: Path,
 ) -> ExportResult:
+    backend = info.target
     with staged_directory(out, owned=is_export_folder, what=EXPORT_FOLDER) as stage:
-        ctx = ExportContext(qmodel, backend, chosen.name, qdq_model, table, stage, parsed)
+        ctx = ExportContext(qmodel, backend, chosen.name, qdq_model, table, stage, parsed, qconfig=info.qconfig)
         chosen.export(ctx)
-        manifest = build_manifest(ctx, _input_specs(qdq_model), get_entry("backend", backend.name).distribution)
+        provenance = versions(get_entry("backend", backend.name).distribution)
+        manifest = build_manifest(ctx, _input_specs(qdq_model), provenance)
         atomic_write_text(stage / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
         written = ExportResult(stage, backend.name, chosen.name, ctx.artifacts, manifest, qmodel, qdq_model)
     return written.moved_to(out)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import difflib
-import importlib
 import inspect
 import io
 import logging
@@ -30,6 +29,8 @@ from mq_core.errors import ConfigError, MQError, TraceError, describe_exception
 from mq_core.graph.capture import trace
 from mq_core.graph.fusion import fuse
 from mq_core.graph.placement import Annotation, Skip, annotate, materialize
+from mq_core.graph.qat_swap import swap_qat_modules
+from mq_core.pipeline.resolve import build_quantizer, import_ref, resolve_backend, resolve_qconfig
 from mq_core.plugins.lookup import fusion_patterns, get_backend, qat_module_mapping
 from mq_core.quant.fake_quant import FakeQuantizer
 from mq_core.quant.qconfig import QConfig, QConfigPreset
@@ -43,9 +44,13 @@ _PRESERVED_KEY = getattr(fx.graph_module, "_USER_PRESERVED_ATTRIBUTES_KEY", "_us
 
 @dataclass
 class PrepareInfo:
-    """How a model was prepared: enough to prepare the same float model again and load a checkpoint."""
+    """How a model was prepared: enough to prepare the same float model again and load a checkpoint.
 
-    backend: str
+    ``target`` is the ``Backend`` object itself, so readers (export, verify, workflow) need no registry lookup and a
+    custom Backend object is used as given; ``backend`` is its name, which checkpoints record.
+    """
+
+    target: Backend
     qconfig: QConfig
     mode: str
     modules: list[str] = field(default_factory=list)
@@ -60,6 +65,11 @@ class PrepareInfo:
     #: shape and dtype of each example input (None for one that is not a tensor): calibration data is checked
     #: against them (``mq_core.pipeline.calibrate.model_inputs``). Checkpoints store them beside ``info`` as "inputs".
     inputs: list[dict[str, Any] | None] = field(default_factory=list)
+
+    @property
+    def backend(self) -> str:
+        """The backend's registry name (what ``to_dict`` records for checkpoints)."""
+        return self.target.name
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -110,29 +120,6 @@ def _propagate_shapes(gm: fx.GraphModule, example_inputs: tuple[Any, ...]) -> No
         gm.train(was_training)
 
 
-def _swap_qat_modules(gm: fx.GraphModule, qconfig: QConfig, skip: Skip, exact: bool) -> list[str]:
-    mapping = qat_module_mapping()
-    modules = dict(gm.named_modules())
-    swapped = []
-    for node in gm.graph.nodes:
-        if node.op != "call_module" or skip(node, modules):
-            continue
-        target = str(node.target)
-        qat_type = mapping.get(type(modules[target]))
-        if qat_type is None:
-            continue
-        fq = qconfig.weight.build(ch_axis=qat_type.weight_ch_axis, exact=exact)
-        fq.qname = f"{target}.weight_fake_quant"
-        fq.role = "weight"
-        qat = qat_type.from_float(modules[target], fq)
-        parent_name, _, child = target.rpartition(".")
-        setattr(gm.get_submodule(parent_name) if parent_name else gm, child, qat)
-        modules[target] = qat
-        swapped.append(target)
-    gm.recompile()
-    return swapped
-
-
 def _placement_table(ann: Annotation) -> list[dict[str, Any]]:
     return [
         {
@@ -161,10 +148,10 @@ def _prepare_graph(
     gm = trace(module, leaf_modules, concrete_args, preserved_attributes)
     _bind_preserved_methods(gm, module, preserved_attributes)
     fuse(gm, fusion_patterns(), mode)
-    _swap_qat_modules(gm, qconfig, skip, exact)
+    swap_qat_modules(gm, qat_module_mapping(), lambda ch_axis: build_quantizer(qconfig.weight, ch_axis, exact), skip)
     _propagate_shapes(gm, example_inputs)
     ann = annotate(gm, backend.placement, skip)
-    materialize(gm, ann, qconfig.activation, exact)
+    materialize(gm, ann, qconfig.activation, lambda spec: build_quantizer(spec, exact=exact))
     gm.train(module.training)
     return gm, _placement_table(ann)
 
@@ -291,8 +278,6 @@ def prepare(
         raise ConfigError(f"prepare() needs an nn.Module, got {type(model).__name__}.")
     if mode not in MODES:
         raise ConfigError(f"mode must be one of {MODES}, got {mode!r}.")
-    if not isinstance(backend, Backend | str):
-        raise ConfigError(f"backend must be a backend name (see `mq backends`) or a Backend, got {backend!r}.")
     if qconfig is not None and not isinstance(qconfig, QConfig | QConfigPreset | str):
         raise ConfigError(f"qconfig must be None (the backend's default), a preset name such as 'w4a4', a "
                           f"QConfigPreset or a QConfig; got {qconfig!r}.")
@@ -308,8 +293,8 @@ def prepare(
     quantized = _module_names([model.get_submodule(name) for name in modules] or [model])
     where = "the model" if not modules else f"the quantized sub-module(s) {', '.join(modules)} (names relative to them)"
     _check_names("leaf_modules", (n for n in leaf_modules if isinstance(n, str)), quantized, where)
-    backend = get_backend(backend)
-    resolved = backend.resolve_qconfig(qconfig)
+    backend = resolve_backend(backend)
+    resolved = resolve_qconfig(backend, qconfig)
     inputs = as_inputs(example_inputs)
     skipper = Skip.build(skip_items)
     root = model if inplace else copy.deepcopy(model)
@@ -333,7 +318,7 @@ def prepare(
         node.op == "call_module" and isinstance(gm.get_submodule(str(node.target)), FakeQuantizer))}
     _check_names("skip", (n for n in skip_items if isinstance(n, str)), layers, where)
     result.mq_info = PrepareInfo(
-        backend=backend.name,
+        target=backend,
         qconfig=resolved,
         mode=mode,
         modules=list(modules or []),
@@ -364,38 +349,19 @@ def object_ref(obj: Any) -> str:
     module = getattr(obj, "__module__", None)
     for attr in ("__qualname__", "__name__"):
         name = getattr(obj, attr, None)
-        if module and name and resolve_ref(f"{module}:{name}", allow_import=False) is obj:
+        if not (module and name):
+            continue
+        try:
+            found = import_ref(f"{module}:{name}", allow_import=False)
+        except (ValueError, ImportError, AttributeError):  # "f.<locals>.g", "<lambda>", a module gone from sys.modules
+            continue
+        if found is obj:
             return f"{module}:{name}"
     return f"{NOT_IMPORTABLE}{obj!r}>"
 
 
 #: Prefix of ``object_ref``'s text for an object that cannot be found by name again.
 NOT_IMPORTABLE = "<not importable: "
-
-
-def resolve_ref(ref: str, *, allow_import: bool = True) -> Any:
-    """The object named by ``object_ref``'s ``"module:qualname"``; None when it cannot be found.
-
-    ``allow_import=False`` is for references read from a file nobody vouched for: importing a module runs its
-    top-level code, so the module must already be imported, and the attribute path is read with
-    ``inspect.getattr_static`` (no module ``__getattr__``, property or metaclass hook runs). Nothing is called.
-    """
-    module_name, _, qualname = ref.partition(":")
-    try:
-        if allow_import:
-            obj: Any = importlib.import_module(module_name)
-            for part in qualname.split("."):
-                obj = getattr(obj, part)
-            return obj
-        obj = sys.modules.get(module_name)
-        if obj is None:
-            return None
-        for part in qualname.split("."):
-            obj = inspect.getattr_static(obj, part)
-    except Exception as exc:  # any import failure of a named module (ImportError, SyntaxError, raising at import)
-        log.debug("cannot resolve %r: %s: %s", ref, type(exc).__name__, exc)
-        return None
-    return obj
 
 
 def prepare_info(qmodel: nn.Module) -> PrepareInfo:

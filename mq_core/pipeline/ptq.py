@@ -15,9 +15,10 @@ from typing import Any, ClassVar
 from torch import nn
 
 from mq_core.errors import CalibrationError, ConfigError
-from mq_core.pipeline.calibrate import iter_batches, model_inputs, quantizers
+from mq_core.pipeline.calibrate import iter_batches, model_inputs
 from mq_core.pipeline.prepare import prepare_info
 from mq_core.plugins.lookup import get_ptq_method
+from mq_core.quant.switches import quantizers
 
 
 class PTQMethod:

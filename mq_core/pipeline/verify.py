@@ -29,17 +29,19 @@ import onnx
 import torch
 from torch import nn
 
+from mq_core.backend import Backend
 from mq_core.errors import ConfigError, MQError, UnknownNameError, VerificationError
 from mq_core.export.canonical import _tensor_table
 from mq_core.export.deploy import deploy_view
 from mq_core.export.exporter import ExportResult
 from mq_core.export.quant_table import QuantTable, TensorQuant
-from mq_core.pipeline.calibrate import quantizers
 from mq_core.pipeline.prepare import as_inputs, prepare_info
-from mq_core.plugins.lookup import get_backend, get_exporter, get_runtime, list_runtimes
+from mq_core.plugins.lookup import get_exporter, get_runtime, list_runtimes
 from mq_core.quant.fake_quant import FakeQuantizer
 from mq_core.quant.scheme import SCALE_EPS
+from mq_core.quant.switches import quantizers
 from mq_core.runtimes import isolation
+from mq_core.runtimes.base import Runtime
 from mq_core.text import render_table
 
 DEFAULT_TOLERANCE = 1.0
@@ -238,18 +240,21 @@ def manifest_disagreements(manifest: dict[str, Any], table: QuantTable) -> list[
     return found
 
 
-def _runtimes(backend: str, runtimes: Sequence[str] | str | None, report: VerificationReport) -> list[Any]:
-    """Runtimes to use. Explicit names must exist; a backend's defaults whose plugin is absent are skipped."""
+def select_runtimes(backend: Backend, runtimes: Sequence[str] | str | None, skipped: list[str]) -> list[Runtime]:
+    """The runtimes that run ``backend``'s artifacts: every registered one for ``"all"``, the given names or Runtime
+    objects (each must exist: ``UnknownNameError``), or by default the backend's own list, where a runtime whose
+    plugin is not installed is left out with the reason appended to ``skipped``. Whether a runtime is available
+    and can run a given artifact is the caller's question (``Runtime.available``, ``Runtime.can_run``)."""
     if runtimes == "all":
         return [get_runtime(n) for n in list_runtimes()]
     if runtimes is not None:
         return [get_runtime(n) for n in ([runtimes] if isinstance(runtimes, str) else runtimes)]
     chosen = []
-    for name in get_backend(backend).runtimes:
+    for name in backend.runtimes:
         try:
             chosen.append(get_runtime(name))
         except UnknownNameError as exc:
-            report.skipped.append(str(exc))
+            skipped.append(str(exc))
     return chosen
 
 
@@ -297,10 +302,10 @@ def verify(
     model = qmodel if qmodel is not None else result.qmodel
     if model is None:
         raise VerificationError("verify needs the prepared model to compare with: pass qmodel=...")
-    backend = prepare_info(model).backend
+    target = prepare_info(model).target
     tensors = as_inputs(inputs)
     report = VerificationReport(result.backend, result.exporter, tolerance)
-    chosen = _runtimes(backend, runtimes, report)
+    chosen = select_runtimes(target, runtimes, report.skipped)
     runnables = get_exporter(result.exporter).runnables(result)
     for runtime in chosen:  # the workers that will be used load while the simulation runs
         if runtime.available() and any(runtime.can_run(r.model) for r in runnables):
@@ -314,9 +319,9 @@ def verify(
         raise ConfigError(f"the prepared model cannot run on the verification inputs ({shapes}): "
                           f"{type(exc).__name__}: {str(exc)[:300]}. Pass inputs of the shape and dtype the model "
                           "was prepared with (any batch size).") from exc
-    if result.backend != backend:
+    if result.backend != target.name:
         report.failures.append(f"the export was made for backend {result.backend!r} but the checkpoint was prepared "
-                               f"for {backend!r}.")
+                               f"for {target.name!r}.")
     report.failures.extend(manifest_disagreements(result.manifest, checkpoint_table(model)))
     ran = False
     for runnable in runnables:

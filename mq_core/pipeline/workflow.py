@@ -24,14 +24,14 @@ from tqdm.auto import tqdm
 from mq_core.checkpoint import save_checkpoint
 from mq_core.errors import CalibrationError, MQError, VerificationError
 from mq_core.export import ExportResult
-from mq_core.export.exporter import is_export_folder
+from mq_core.export.manifest import is_export_folder
 from mq_core.io import check_replaceable, check_writable, staged_directory
 from mq_core.pipeline.calibrate import calibrate, model_inputs
 from mq_core.pipeline.export import export_many
-from mq_core.pipeline.prepare import prepare
+from mq_core.pipeline.prepare import prepare, prepare_info
 from mq_core.pipeline.ptq import ptq
-from mq_core.pipeline.verify import VerificationReport, feeds, verify
-from mq_core.plugins.lookup import get_backend, get_exporter, get_runtime
+from mq_core.pipeline.verify import VerificationReport, feeds, select_runtimes, verify
+from mq_core.plugins.lookup import get_backend, get_exporter
 from mq_core.runtimes import isolation
 
 log = logging.getLogger(__name__)
@@ -130,16 +130,13 @@ class _Stages:
         self.bar.close()
 
 
-def _deployed_accuracy(outcome: BackendOutcome, eval_fn: EvalFn) -> None:
-    """Accuracy of the default exporter's first runnable artifact in the backend's first available runtime."""
-    backend = get_backend(outcome.backend)
+def _deployed_accuracy(outcome: BackendOutcome, qmodel: nn.Module, eval_fn: EvalFn) -> None:
+    """Accuracy of the default exporter's first runnable artifact in the first available runtime of the backend's
+    own list (``select_runtimes``, as ``verify`` picks them)."""
+    backend = prepare_info(qmodel).target
     result = outcome.results.get(backend.default_exporter) or next(iter(outcome.results.values()))
     runnables = get_exporter(result.exporter).runnables(result)
-    for name in backend.runtimes:
-        try:
-            runtime = get_runtime(name)
-        except MQError:
-            continue
+    for runtime in select_runtimes(backend, None, []):
         for runnable in runnables:
             if runtime.available() and runtime.can_run(runnable.model):
                 try:
@@ -242,7 +239,7 @@ def quantize_for_backend(
             name: verify(result, inputs) for name, result in outcome.results.items()})
         if eval_fn is not None:
             outcome.sim_accuracy = stages.run("evaluate (simulation)", lambda: float(eval_fn(qmodel)))
-            stages.run("evaluate (runtime)", lambda: _deployed_accuracy(outcome, eval_fn))
+            stages.run("evaluate (runtime)", lambda: _deployed_accuracy(outcome, qmodel, eval_fn))
     finally:
         stages.close()
     return outcome

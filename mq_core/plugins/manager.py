@@ -42,6 +42,10 @@ from mq_core.plugins.registry import (
 log = logging.getLogger(__name__)
 
 ENTRY_POINT_GROUP = "mq"
+#: The core's own plugin (its backends, exporters, observers ...), loaded like any plugin: an entry point, by name.
+#: The manager never imports it directly, so the plugin machinery does not depend on what it loads. It is not
+#: declared in pyproject's entry points because a checkout must work without being installed.
+CORE_ENTRY_POINT = importlib_metadata.EntryPoint(name="core", value="mq_core.builtin", group=ENTRY_POINT_GROUP)
 #: Attribute set on a plugin's click command: the distribution that added it (core commands have none).
 COMMAND_PROVIDER = "mq_distribution"
 
@@ -112,9 +116,8 @@ class PluginManager:
         pm = pluggy.PluginManager("mq")
         pm.add_hookspecs(hookspecs)
         self._pm = pm
-        from mq_core import builtin
-
-        core = PluginRecord(CORE_DISTRIBUTION, core_version(), "mq_core.builtin")
+        builtin = CORE_ENTRY_POINT.load()  # always loaded, never isolated: mq does not work without it
+        core = PluginRecord(CORE_DISTRIBUTION, core_version(), CORE_ENTRY_POINT.value)
         pm.register(builtin, name=CORE_DISTRIBUTION)
         self._modules.append((builtin, core))
         self.records.append(core)

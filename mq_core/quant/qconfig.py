@@ -12,13 +12,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from mq_core.quant.fake_quant import FakeQuantizer
 from mq_core.quant.scheme import QuantScheme
 
 
 @dataclass(frozen=True)
 class QuantizerSpec:
-    """Everything needed to build one fake quantizer: grid, observer name/options, quantizer name/options."""
+    """Everything needed to build one fake quantizer: grid, observer name/options, quantizer name/options.
+
+    Data only: ``mq_core.pipeline.resolve.build_quantizer`` finds the named classes and builds the quantizer."""
 
     scheme: QuantScheme
     observer: str = "minmax"
@@ -28,18 +29,6 @@ class QuantizerSpec:
 
     def replace(self, **changes: Any) -> QuantizerSpec:
         return dataclasses.replace(self, **changes)
-
-    def build(self, ch_axis: int | None = None, exact: bool = True) -> FakeQuantizer:
-        """Instantiate through the registries; ``ch_axis`` overrides the scheme's channel axis (per-channel)."""
-        from mq_core.plugins.lookup import get_fake_quantizer, get_observer
-
-        scheme = self.scheme
-        if scheme.per_channel and ch_axis is not None:
-            scheme = scheme.replace(ch_axis=ch_axis)
-        observer = get_observer(self.observer)(scheme, **dict(self.observer_options))
-        return get_fake_quantizer(self.fake_quantizer)(
-            scheme, observer, exact=exact, **dict(self.fake_quantizer_options)
-        )
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> QuantizerSpec:

@@ -23,14 +23,17 @@ import torch
 from torch import nn
 
 from mq_core.backend import Backend
+from mq_core.export import ExportResult
 from mq_core.export.deploy import deploy_view
-from mq_core.pipeline.calibrate import calibrate, quantizers
+from mq_core.pipeline.calibrate import calibrate
 from mq_core.pipeline.export import export_many
 from mq_core.pipeline.prepare import prepare
+from mq_core.pipeline.resolve import resolve_qconfig
 from mq_core.pipeline.verify import VerificationReport, simulate, verify
 from mq_core.plugins.lookup import get_backend
 from mq_core.quant.qconfig import QConfig
 from mq_core.quant.scheme import QuantScheme
+from mq_core.quant.switches import quantizers
 from mq_core.testing.zoo import ZOO
 
 #: Default bound on ``||simulated - float|| / ||float||`` per output. 8-bit grids stay under 0.02 on the zoo and
@@ -95,7 +98,7 @@ def run_conformance(
     qmodel = prepare(model, resolved, example_inputs, qconfig=qconfig)
     calibrate(qmodel, calibration_data, progress=False)
     checked = ConformanceResult(resolved.name, model_name)
-    checked.problems += grid_problems(qmodel, resolved.resolve_qconfig(qconfig))
+    checked.problems += grid_problems(qmodel, resolve_qconfig(resolved, qconfig))
     checked.float_error = float_error(simulate(qmodel, inputs)[0], reference)
     checked.problems += [
         f"output {name} of the simulation is {error:.3g} away from the float model's (relative L2 error; the bound "
@@ -176,6 +179,22 @@ def run_zoo_conformance(backend: str | Backend, model_name: str, out_dir: str | 
         backend, entry.build(), (entry.inputs(2),), entry.calibration_data(), Path(out_dir),
         test_inputs=(entry.inputs(3, seed=7),), model_name=model_name, **kwargs,
     )
+
+
+def export_zoo_model(backend: str | Backend, model_name: str, out_dir: str | os.PathLike[str],
+                     exporters: list[str] | None = None) -> tuple[dict[str, ExportResult], torch.Tensor]:
+    """A model of ``mq_core.testing.zoo`` prepared for ``backend``, calibrated on two batches of four and exported
+    with each of ``exporters`` (default: all of the backend's) into ``out_dir/<exporter>/``.
+
+    What a backend's format tests read: the artifacts of a realistic network, made without the verification and
+    grid checks of ``run_conformance`` so that the tests can look inside the files. Returns the results by exporter
+    and the input the model was traced with.
+    """
+    entry = ZOO[model_name]
+    inputs = entry.inputs()
+    qmodel = prepare(entry.build(), get_backend(backend), inputs)
+    calibrate(qmodel, entry.calibration_data(batches=2, batch=4), progress=False)
+    return export_many(qmodel, inputs, Path(out_dir), exporters), inputs
 
 
 def quantized_tensor_agreement(

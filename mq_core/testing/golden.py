@@ -16,6 +16,8 @@ own backend tests do this, and plugin authors can do the same for their exporter
     result = mq.export(qmodel, tiny_inputs(), tmp_path / "out")
     assert result.path("my-format").read_text() == EXPECTED
 
+``golden_export`` does the prepare -> calibrate -> set_qparams -> export steps in one call.
+
 ``TinyNet`` is Conv2d -> ReLU -> flatten -> Linear, with submodules ``conv``, ``relu`` (``flatten``) and ``fc``.
 Its flatten is either ``torch.flatten(x, 1)`` (a ``call_function`` fx node) or an ``nn.Flatten`` module (a
 ``call_module`` node); both nodes are named ``flatten``, but placement rules, fusion patterns and exporters may
@@ -34,9 +36,13 @@ import torch
 from torch import nn
 
 from mq_core.errors import UnknownNameError
-from mq_core.pipeline.calibrate import quantizers
+from mq_core.export import ExportResult
+from mq_core.pipeline.calibrate import calibrate
+from mq_core.pipeline.export import export_many
+from mq_core.pipeline.prepare import prepare
+from mq_core.quant.switches import quantizers
 
-__all__ = ["TinyNet", "set_qparams", "tiny_inputs"]
+__all__ = ["TinyNet", "golden_export", "set_qparams", "tiny_inputs"]
 
 
 def _output_size(size: int, kernel: int, padding: int) -> int:
@@ -152,3 +158,24 @@ def set_qparams(qmodel: nn.Module, qparams: Mapping[str, tuple[Any, Any]]) -> No
     for name, (scale_t, zero_t) in values.items():
         found[name].set_qparams(scale_t, zero_t)
 
+
+def golden_export(model: nn.Module, backend: Any, inputs: torch.Tensor, qparams: Mapping[str, tuple[Any, Any]],
+                  out_dir: Any, *, qconfig: Any = None, exporters: list[str] | None = None,
+                  every_quantizer: bool = False) -> dict[str, ExportResult]:
+    """Prepare ``model`` for ``backend`` (with ``qconfig``), calibrate it on ``inputs``, set ``qparams`` by hand
+    and export with each of ``exporters`` (default: all of the backend's) into ``out_dir/<exporter>/``.
+
+    With ``every_quantizer``, ``qparams`` must name every quantizer of the prepared model, so that no number of the
+    golden file depends on calibration.
+
+    Raises:
+        ValueError: ``every_quantizer`` is set and some quantizers are not named (listed in the message).
+    """
+    qmodel = prepare(model, backend, inputs, qconfig=qconfig)
+    calibrate(qmodel, [inputs], progress=False)
+    missing = [name for name in quantizers(qmodel) if name not in qparams]
+    if every_quantizer and missing:
+        raise ValueError(f"golden_export: no hand-set qparams for {', '.join(missing)}; name every quantizer of "
+                         f"the prepared model (or pass every_quantizer=False).")
+    set_qparams(qmodel, qparams)
+    return export_many(qmodel, inputs, out_dir, exporters)

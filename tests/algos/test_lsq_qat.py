@@ -7,12 +7,10 @@ well under a minute: 12 float epochs (cached in a per-test MQ_CACHE_DIR, never t
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import torch
-import torch.nn.functional as F
+from helpers import train_qat
 
 import mq_core as mq
 from mq_core.demo.digits import accuracy, load_digits, pretrained
@@ -24,16 +22,8 @@ QAT_EPOCHS = 5
 FREEZE_BN_EPOCH = 3
 
 
-@pytest.fixture
-def single_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_w4a4_lsq_qat_recovers_float_accuracy_and_exports(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, single_thread: None
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, deterministic: None
 ) -> None:
     monkeypatch.setenv("MQ_CACHE_DIR", str(tmp_path / "cache"))
     data = load_digits()
@@ -46,18 +36,7 @@ def test_w4a4_lsq_qat_recovers_float_accuracy_and_exports(
     mq.calibrate(qmodel, data.calibration_batches(), progress=False)
     calibrated_accuracy = accuracy(qmodel, data.x_test, data.y_test)
 
-    torch.manual_seed(0)
-    optimizer = torch.optim.Adam(qmodel.parameters(), lr=5e-4)  # after calibrate: it sized the LSQ step sizes
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, QAT_EPOCHS)
-    for epoch in range(QAT_EPOCHS):
-        qmodel.train()
-        if epoch == FREEZE_BN_EPOCH:
-            mq.freeze_bn(qmodel)
-        for xb, yb in data.train_batches(batch_size=64, seed=epoch):
-            optimizer.zero_grad()
-            F.cross_entropy(qmodel(xb), yb).backward()
-            optimizer.step()
-        schedule.step()
+    train_qat(qmodel, data, QAT_EPOCHS, FREEZE_BN_EPOCH)  # after calibrate: it sized the LSQ step sizes
     qat_accuracy = accuracy(qmodel, data.x_test, data.y_test)
     log.info("float %.2f%%, W4A4 LSQ calibrated %.2f%%, after QAT %.2f%%", float_accuracy, calibrated_accuracy,
              qat_accuracy)

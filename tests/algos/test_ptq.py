@@ -28,6 +28,7 @@ from mq_core.export.deploy import DeployLayer, deploy_view
 from mq_core.graph.policy import output_placement
 from mq_core.nn.fused import FUSED_MODULES
 from mq_core.nn.qat import QAT_MODULES, QATModule
+from mq_core.pipeline.resolve import build_quantizer
 from mq_core.quant.functional import quantize
 from mq_core.quant.qconfig import QConfig, QuantizerSpec
 from mq_core.quant.scheme import QuantScheme
@@ -155,7 +156,7 @@ def test_bake_is_exact_for_awkward_batch_norm_factors() -> None:
         bn.running_var.uniform_(0.1, 5.0)
     fused = FUSED_MODULES[nn.Conv2d, True, False](conv, bn)
     spec = QuantizerSpec(QuantScheme(4, per_channel=True), observer="minmax")
-    layer = QAT_MODULES[type(fused)].from_float(fused, spec.build(ch_axis=0)).eval()
+    layer = QAT_MODULES[type(fused)].from_float(fused, build_quantizer(spec, ch_axis=0)).eval()
     mq.enable_quantization(layer)
     rounder = AdaRoundWeight(layer)
     with torch.no_grad():
@@ -172,7 +173,7 @@ def test_bake_is_exact_for_awkward_batch_norm_factors() -> None:
 def test_adaround_starts_at_the_float_weight_and_hard_rounding_is_nearest() -> None:
     layer = nn.Linear(8, 4)
     spec = QuantizerSpec(QuantScheme(4, per_channel=True), observer="minmax")
-    qat = QAT_MODULES[nn.Linear].from_float(layer, spec.build(ch_axis=0))
+    qat = QAT_MODULES[nn.Linear].from_float(layer, build_quantizer(spec, ch_axis=0))
     mq.enable_quantization(qat)
     rounder = AdaRoundWeight(qat)
     torch.testing.assert_close(rounder(qat.weight), qat.weight.detach(), rtol=0, atol=1e-6)
@@ -189,7 +190,7 @@ def test_beta_schedule_warms_up_then_decays_from_20_to_2() -> None:
 
 
 def test_lsq_scale_gradient_matches_the_formula() -> None:
-    fq = QuantizerSpec(QuantScheme(4, signed=False, symmetric=False)).build()
+    fq = build_quantizer(QuantizerSpec(QuantScheme(4, signed=False, symmetric=False)))
     fq.set_qparams(torch.tensor(0.1), torch.tensor(3))
     x = torch.tensor([-1.0, -0.04, 0.123, 0.5, 5.0], dtype=torch.float64)
     scale = torch.tensor(0.1, dtype=torch.float64, requires_grad=True)
@@ -200,7 +201,7 @@ def test_lsq_scale_gradient_matches_the_formula() -> None:
 
 
 def test_qdrop_quantizes_about_half_the_elements() -> None:
-    fq = QuantizerSpec(QuantScheme(4, signed=False, symmetric=False)).build()
+    fq = build_quantizer(QuantizerSpec(QuantScheme(4, signed=False, symmetric=False)))
     fq.set_qparams(torch.tensor(0.1), torch.tensor(0))
     patch = ActivationPatch(fq, learn_scale=False, drop_prob=0.5, generator=torch.Generator().manual_seed(0))
     x = torch.rand(10000) * 1.4 + 0.013  # never on the grid

@@ -4,7 +4,7 @@ deploy equivalence, per-channel variants, APoT's refusal to export, and the pres
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -25,14 +25,7 @@ UINT4_AFFINE = QuantScheme(4, signed=False, symmetric=False)  # [0, 15]
 LEARNABLE = ("lsq", "lsq_plus", "pact", "dsq", "apot")
 
 
-@pytest.fixture(autouse=True)
-def _seeded_single_thread() -> Iterator[None]:
-    """Seeded, and one thread: the machine's cores are shared, and these tensors are tiny."""
-    torch.manual_seed(0)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("deterministic")
 
 
 def build(name: str, scheme: QuantScheme, scale: float | torch.Tensor = 1.0, zero_point: int | torch.Tensor = 0,
@@ -484,19 +477,19 @@ PTQ_PRESETS = {f"w{w}a4-{m}": m for w in (4, 2) for m in ("adaround", "brecq", "
 
 def test_presets_resolve_on_qdq() -> None:
     qdq = mq.get_backend("qdq")
-    lsq = qdq.resolve_qconfig("w4a4-lsq")
+    lsq = mq.resolve_qconfig(qdq, "w4a4-lsq")
     assert (lsq.weight.fake_quantizer, lsq.activation.fake_quantizer) == ("lsq", "lsq")
     assert (lsq.weight.observer, lsq.activation.observer) == ("lsq", "lsq")
     assert (lsq.weight.scheme.bits, lsq.activation.scheme.bits) == (4, 4)
     assert lsq.weight.scheme.per_channel  # the backend keeps its granularity
-    assert qdq.resolve_qconfig("w2a4-lsq").weight.scheme.bits == 2
-    pact = qdq.resolve_qconfig("w4a4-pact")
+    assert mq.resolve_qconfig(qdq, "w2a4-lsq").weight.scheme.bits == 2
+    pact = mq.resolve_qconfig(qdq, "w4a4-pact")
     assert (pact.weight.fake_quantizer, pact.activation.fake_quantizer) == ("lsq", "pact")
-    assert qdq.resolve_qconfig("w4a4-dorefa-pact").weight.fake_quantizer == "dorefa"
+    assert mq.resolve_qconfig(qdq, "w4a4-dorefa-pact").weight.fake_quantizer == "dorefa"
     for name, method in PTQ_PRESETS.items():
         preset = mq.get_qconfig(name)
         assert preset.recommended_method == method
-        resolved = qdq.resolve_qconfig(name)
+        resolved = mq.resolve_qconfig(qdq, name)
         assert (resolved.weight.fake_quantizer, resolved.activation.fake_quantizer) == ("fixed", "fixed")
         assert (resolved.weight.observer, resolved.activation.observer) == ("mse", "mse")
 
@@ -504,4 +497,4 @@ def test_presets_resolve_on_qdq() -> None:
 @pytest.mark.parametrize("preset", [*QAT_PRESETS, *PTQ_PRESETS])
 def test_tensorrt_refuses_sub_8_bit_presets(preset: str) -> None:
     with pytest.raises(SchemeError, match=r"cannot run W[24]A4"):
-        mq.get_backend("tensorrt").resolve_qconfig(preset)
+        mq.resolve_qconfig("tensorrt", preset)

@@ -53,11 +53,10 @@ def tiny_inputs() -> torch.Tensor:
 def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, mq.ExportResult]:
     """The tiny model, calibrated, then every qparam set by hand; exported with both exporters."""
     torch.manual_seed(0)
-    qmodel = mq.prepare(tiny_model().eval(), "openvino", tiny_inputs())
-    mq.calibrate(qmodel, [tiny_inputs()], progress=False)
-    golden.set_qparams(qmodel, {"x_fq": (S_X, 0), "flatten_fq": (S_FC_IN, 0),
-                                "conv.weight_fake_quant": (CONV_W_SCALES, 0), "fc.weight_fake_quant": (FC_W_SCALES, 0)})
-    return export_many(qmodel, tiny_inputs(), tmp_path_factory.mktemp("tiny"))
+    qparams = {"x_fq": (S_X, 0), "flatten_fq": (S_FC_IN, 0),
+               "conv.weight_fake_quant": (CONV_W_SCALES, 0), "fc.weight_fake_quant": (FC_W_SCALES, 0)}
+    return golden.golden_export(tiny_model().eval(), "openvino", tiny_inputs(), qparams,
+                                tmp_path_factory.mktemp("tiny"), every_quantizer=True)
 
 
 def _nodes(path: Path, op_type: str) -> list[onnx.NodeProto]:

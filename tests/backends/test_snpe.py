@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +20,6 @@ from mq_core.pipeline.export import export_many
 from mq_core.plugins.lookup import get_entry
 from mq_core.quant.scheme import INT8_SYM_PER_CHANNEL, UINT8_AFFINE
 from mq_core.testing.golden import TinyNet, set_qparams, tiny_inputs
-from mq_core.testing.zoo import ZOO
 
 ZOO_MODELS = ("resnet", "mobilenet", "unet", "mlp_bn", "attention")
 
@@ -126,19 +126,6 @@ def test_golden_reads_back_and_verifies(golden: dict[str, mq.ExportResult], expo
     assert mq.verify(reloaded, tiny_inputs(), qmodel=result.qmodel).passed
 
 
-@pytest.fixture(scope="module")
-def zoo_exports(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[dict[str, mq.ExportResult], object]]:
-    """Each zoo model prepared for snpe, calibrated, exported once (shared canonical ONNX) with snpe and qnn."""
-    out = {}
-    for name in ZOO_MODELS:
-        z = ZOO[name]
-        x = z.inputs()
-        qmodel = mq.prepare(z.build(), "snpe", x)
-        mq.calibrate(qmodel, z.calibration_data(batches=2, batch=4), progress=False)
-        out[name] = (export_many(qmodel, x, tmp_path_factory.mktemp(name), exporters=["snpe", "qnn"]), x)
-    return out
-
-
 def _names(document: dict) -> dict[str, set[str]]:
     sections = {}
     for section in ("activation_encodings", "param_encodings"):
@@ -149,8 +136,8 @@ def _names(document: dict) -> dict[str, set[str]]:
 
 @pytest.mark.parametrize("exporter", ["snpe", "qnn"])
 @pytest.mark.parametrize("model", ZOO_MODELS)
-def test_zoo_exports_every_tensor_and_verifies(zoo_exports: dict, model: str, exporter: str) -> None:
-    results, x = zoo_exports[model]
+def test_zoo_exports_every_tensor_and_verifies(zoo_exports: Callable, model: str, exporter: str) -> None:
+    results, x = zoo_exports("snpe", model)
     result = results[exporter]
     float_model = onnx.load(result.path("onnx-float"))
     tensors = set(graph_order(float_model)) | {i.name for i in float_model.graph.initializer}

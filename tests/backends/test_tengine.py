@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +20,6 @@ from mq_core.export.quant_table import TensorQuant
 from mq_core.export.ranges import graph_order
 from mq_core.plugins.lookup import get_entry
 from mq_core.testing.golden import TinyNet, set_qparams, tiny_inputs
-from mq_core.testing.zoo import ZOO
 
 ZOO_MODELS = ("resnet", "mobilenet", "unet", "mlp_bn", "attention")
 
@@ -78,21 +78,10 @@ def test_golden_runnable_uses_tengine_weight_rule(golden: mq.ExportResult) -> No
     assert report.passed, report.table()
 
 
-@pytest.fixture(scope="module")
-def zoo_exports(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[mq.ExportResult, torch.Tensor]]:
-    out = {}
-    for name in ZOO_MODELS:
-        z = ZOO[name]
-        x = z.inputs()
-        qmodel = mq.prepare(z.build(), "tengine", x)
-        mq.calibrate(qmodel, z.calibration_data(batches=2, batch=4), progress=False)
-        out[name] = (mq.export(qmodel, x, tmp_path_factory.mktemp(name)), x)
-    return out
-
-
 @pytest.mark.parametrize("model", ZOO_MODELS)
-def test_zoo_table_covers_every_activation_and_verifies(zoo_exports: dict, model: str) -> None:
-    result, x = zoo_exports[model]
+def test_zoo_table_covers_every_activation_and_verifies(zoo_exports: Callable, model: str) -> None:
+    results, x = zoo_exports("tengine", model)
+    result = results["tengine"]
     float_model = onnx.load(result.path("onnx-float"))
     lines = result.path("scale-table").read_text().splitlines()
     names = [line.split()[0] for line in lines]

@@ -18,7 +18,7 @@ import torch
 from mq_trt import lint_qdq, read_calibration_cache, read_dynamic_range
 from mq_trt.backend import TENSORRT
 from mq_trt.formats import scale_hex, version_token
-from mq_trt.legacy import _warn_if_weights_differ, activation_scales
+from mq_trt.implicit import activation_scales, warn_if_weights_differ
 from mq_trt.lint import RULES
 from onnx import helper, numpy_helper
 from torch import nn
@@ -153,7 +153,7 @@ def test_legacy_warns_when_weight_scales_are_not_tensorrts(tiny: dict[str, mq.Ex
     table = result.table
     table["fc.weight"].scale = table["fc.weight"].scale * 0.75  # as a learned or MSE-searched scale would be
     with caplog.at_level(logging.WARNING, logger="mq_trt"):
-        _warn_if_weights_differ(onnx.load(result.path("onnx-float")), table)
+        warn_if_weights_differ(onnx.load(result.path("onnx-float")), table)
     assert "quantizes weights itself" in caplog.text and "fc.weight" in caplog.text
     assert "conv.weight" not in caplog.text
 

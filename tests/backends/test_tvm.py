@@ -64,10 +64,8 @@ def tiny_inputs() -> torch.Tensor:
 def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, mq.ExportResult]:
     """The tiny model, calibrated, then every qparam set by hand (``QPARAMS``); exported with both exporters."""
     torch.manual_seed(0)
-    qmodel = mq.prepare(tiny_model().eval(), "tvm", tiny_inputs())
-    mq.calibrate(qmodel, [tiny_inputs()], progress=False)
-    golden.set_qparams(qmodel, QPARAMS)
-    return export_many(qmodel, tiny_inputs(), tmp_path_factory.mktemp("tiny"))
+    return golden.golden_export(tiny_model().eval(), "tvm", tiny_inputs(), QPARAMS, tmp_path_factory.mktemp("tiny"),
+                                every_quantizer=True)
 
 
 @pytest.fixture

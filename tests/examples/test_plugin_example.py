@@ -77,7 +77,7 @@ def test_backend_resolves_from_the_installed_distribution(installed: Path) -> No
 
 def test_backend_refuses_bit_widths_the_npu_cannot_run() -> None:
     with pytest.raises(mq.SchemeError, match="pot-npu"):
-        mq.get_backend("pot-npu").resolve_qconfig("w4a4")
+        mq.resolve_qconfig("pot-npu", "w4a4")
 
 
 # --- the conformance kit, as a plugin author runs it ------------------------------------------------------------

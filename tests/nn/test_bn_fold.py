@@ -24,10 +24,7 @@ from mq_core.nn import (
     fuse_modules,
 )
 
-
-@pytest.fixture(autouse=True)
-def _seed() -> None:
-    torch.manual_seed(0)
+pytestmark = pytest.mark.usefixtures("deterministic")
 
 
 def randomize_bn(bn: nn.Module) -> nn.Module:

@@ -18,6 +18,7 @@ from mq_core.nn import (
     FusedModule,
     LinearBn1d,
     QATBnModule,
+    QATModule,
     QConv2d,
     QConvBn2d,
     QConvTranspose2d,
@@ -29,10 +30,7 @@ from mq_core.quant.fake_quant import FakeQuantizer
 from mq_core.quant.observers.minmax import MinMaxObserver
 from mq_core.quant.scheme import QuantScheme
 
-
-@pytest.fixture(autouse=True)
-def _seed() -> None:
-    torch.manual_seed(0)
+pytestmark = pytest.mark.usefixtures("deterministic")
 
 
 def weight_fq(axis: int = 0, quantize: bool = True) -> FakeQuantizer:
@@ -102,9 +100,18 @@ BN_KEYS = [t for t in KEYS if issubclass(QAT_MODULES[t], QATBnModule)]
 
 @pytest.mark.parametrize("float_type", KEYS, ids=lambda t: t.__name__)
 def test_round_trip_without_quantization_reproduces_float(float_type: type[nn.Module]) -> None:
+    """Float -> QAT -> float: the QAT type is the layer type (a QConv2d is an nn.Conv2d), equals the float module
+    with quantization off, and converts back to a plain layer with BN folded that equals it too."""
+    qat_type = QAT_MODULES[float_type]
+    layer_type = float_type.layer_type if issubclass(float_type, FusedModule) else float_type
+    has_bn = issubclass(float_type, FusedModule) and float_type.has_bn
+    assert issubclass(qat_type, QATModule) and issubclass(qat_type, layer_type)
+    assert issubclass(qat_type, QATBnModule) == has_bn
     mod, shape = build(float_type)
     qat = to_qat(mod, quantize=False)
-    assert isinstance(qat, QAT_MODULES[float_type])
+    assert isinstance(qat, qat_type)
+    assert isinstance(qat.weight_fake_quant, FakeQuantizer)
+    assert qat.weight_fake_quant.ch_axis == qat_type.weight_ch_axis
     x = torch.randn(shape)
     for training in (False, True):
         reference = copy.deepcopy(mod).train(training)
@@ -114,7 +121,28 @@ def test_round_trip_without_quantization_reproduces_float(float_type: type[nn.Mo
             qat_name = name.replace("0.", "", 1) if name.startswith("0.") else name.replace("1.", "bn.", 1)
             torch.testing.assert_close(qat.get_buffer(qat_name), buffer, atol=1e-6, rtol=0)
     with torch.no_grad():  # reference has seen the same training batch as qat, so their statistics agree
-        torch.testing.assert_close(qat.eval().to_float()(x), reference.eval()(x), atol=1e-5, rtol=0)
+        expected = reference.eval()(x)
+        deploy = qat.eval().to_float()
+        layer = deploy[0] if isinstance(deploy, nn.Sequential) else deploy
+        assert type(layer) is layer_type  # a plain torch layer, BN folded into it
+        assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in deploy.modules())
+        assert isinstance(deploy, nn.Sequential) == (issubclass(float_type, FusedModule) and float_type.has_act)
+        torch.testing.assert_close(deploy(x), expected, atol=1e-5, rtol=0)
+        # with weight quantization on, the QAT module equals its deploy layer with a fake-quantized weight
+        qat.weight_fake_quant.enable_observation(False)
+        qat.weight_fake_quant.enable_quantization(True)
+        layer.weight.copy_(qat.weight_fake_quant(layer.weight))
+        torch.testing.assert_close(qat(x), deploy(x), atol=1e-5, rtol=1e-5)
+        assert not torch.allclose(qat(x), expected, atol=1e-6)
+
+
+def test_qat_layers_refuse_a_per_channel_axis_that_is_not_the_output_channels() -> None:
+    scheme = QuantScheme(8, per_channel=True, ch_axis=1)
+    with pytest.raises(SchemeError, match="axis 0"):
+        QAT_MODULES[nn.Conv2d].from_float(nn.Conv2d(2, 4, 1), FakeQuantizer(scheme))
+    with pytest.raises(SchemeError, match="axis 1"):
+        QAT_MODULES[nn.ConvTranspose2d].from_float(nn.ConvTranspose2d(2, 4, 1),
+                                                   FakeQuantizer(scheme.replace(ch_axis=0)))
 
 
 @pytest.mark.parametrize("float_type", BN_KEYS, ids=lambda t: t.__name__)

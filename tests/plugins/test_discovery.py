@@ -7,6 +7,7 @@ import warnings
 import pytest
 
 import mq_core as mq
+from mq_core.pipeline.resolve import build_quantizer
 from mq_core.plugins import MQPluginWarning, get_manager
 
 FIRST_PARTY = {
@@ -57,7 +58,7 @@ def test_third_party_plugin_discovered_with_provenance(plugin_env) -> None:
     assert (entry.distribution, entry.version) == ("mq-example-backend", "1.2.3")
     assert mq.get_entry("observer", "example_absmax").distribution == "mq-example-backend"
     # the third-party observer is usable by name in a QConfig
-    fq = backend.qconfig.activation.build()
+    fq = build_quantizer(backend.qconfig.activation)
     assert type(fq.observer).__name__ == "AbsMaxObserver"
 
 

@@ -24,7 +24,7 @@ from click.testing import CliRunner
 import mq_core as mq
 import mq_core.io
 from mq_core.cli.main import cli
-from mq_core.export.exporter import is_export_folder
+from mq_core.export.manifest import is_export_folder
 from mq_core.io import staged_directory
 from mq_core.pipeline.workflow import quantize_for_backend
 from mq_core.testing.zoo import ZOO

@@ -20,7 +20,7 @@ from mq_core.quant.observers.minmax import MinMaxObserver
 from mq_core.testing.conformance import grid_problems, run_zoo_conformance
 from mq_core.testing.golden import TinyNet, set_qparams, tiny_inputs
 
-pytestmark = pytest.mark.usefixtures("single_thread")
+pytestmark = pytest.mark.usefixtures("deterministic")
 
 
 class SaturatingObserver(MinMaxObserver):
@@ -67,7 +67,7 @@ def test_zero_point_on_a_symmetric_grid_fails(tmp_path: Path) -> None:
 
 def test_a_scale_off_a_power_of_two_grid_is_listed() -> None:
     backend = mq.get_backend("qdq")
-    qconfig = backend.resolve_qconfig("w8a8-pot")
+    qconfig = mq.resolve_qconfig(backend, "w8a8-pot")
     qmodel = mq.prepare(TinyNet().eval(), backend, tiny_inputs(batch=4), qconfig=qconfig)
     mq.calibrate(qmodel, [tiny_inputs(batch=4)], progress=False)
     assert grid_problems(qmodel, qconfig) == []  # calibrated by the backend's own observers: on the grid

@@ -14,6 +14,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import train_qat
 from mq_algos.quantizers.dorefa import DoReFaFakeQuantizer, bake_dorefa
 from torch import nn
 
@@ -23,7 +24,7 @@ from mq_core.demo.digits import DigitsData, accuracy, load_digits, pretrained
 from mq_core.nn import ConvBn2d, QATBnModule, QConvBn2d
 from mq_core.quant.scheme import QuantScheme
 
-pytestmark = pytest.mark.usefixtures("single_thread")
+pytestmark = pytest.mark.usefixtures("deterministic")
 
 EPOCHS = 7  # 22 steps each: ~150 steps, three times as many as the old code needed to reach 1e13
 FREEZE_BN_EPOCH = 5
@@ -75,24 +76,13 @@ def test_dorefa_pact_trains_the_digits_cnn_to_float_accuracy_and_deploys(
     bns = [m.bn for m in qmodel.modules() if isinstance(m, QATBnModule)]
     assert len(bns) == 3
 
-    torch.manual_seed(0)
-    optimizer = torch.optim.Adam(qmodel.parameters(), lr=5e-4)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, EPOCHS)
-    worst_var, steps = 0.0, 0
-    for epoch in range(EPOCHS):
-        qmodel.train()
-        if epoch == FREEZE_BN_EPOCH:
-            mq.freeze_bn(qmodel)
-        for xb, yb in data.train_batches(batch_size=64, seed=epoch):
-            optimizer.zero_grad()
-            loss = F.cross_entropy(qmodel(xb), yb)
-            assert math.isfinite(loss.item()), f"loss {loss.item()} at step {steps}"
-            loss.backward()
-            optimizer.step()
-            steps += 1
-            worst_var = max(worst_var, *(bn.running_var.max().item() for bn in bns))
-        schedule.step()
-    assert steps >= 150
+    variances: list[float] = []
+    losses = train_qat(qmodel, data, EPOCHS, FREEZE_BN_EPOCH,
+                       after_step=lambda: variances.append(max(bn.running_var.max().item() for bn in bns)))
+    assert len(losses) >= 150
+    bad = [step for step, loss in enumerate(losses) if not math.isfinite(loss)]
+    assert not bad, f"loss {losses[bad[0]]} at step {bad[0]}"
+    worst_var = max(variances)
     assert worst_var < 1e4, f"BN running variance reached {worst_var:.3g}"  # the old fold: 5e10 by step 25
 
     qat_accuracy = accuracy(qmodel, data.x_test, data.y_test)

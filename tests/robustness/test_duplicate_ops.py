@@ -19,7 +19,7 @@ import mq_core as mq
 from mq_core.export.deploy import deploy_view
 from mq_core.testing.conformance import run_conformance
 
-pytestmark = pytest.mark.usefixtures("single_thread")
+pytestmark = pytest.mark.usefixtures("deterministic")
 
 BACKENDS = sorted(mq.list_backends())
 

@@ -8,11 +8,13 @@ What a plugin author writes, one file per idea (read them in this order):
 * ``fixpos.py``: the target's file format (here, a JSON of fix positions): writing, and reading back. Reading
   matters as much as writing: verification parses the file *as written*, so a formatting bug cannot hide.
 * ``exporter.py``: turns the core's canonical export (a QDQ ONNX and its ranges table) into the files the
-  target's toolchain consumes, and says how to run them again for verification.
+  target's toolchain consumes. It derives from ``RangesFileExporter`` (float ONNX + a side file of ranges) and
+  writes only the format: the base writes, reads back and verifies the files.
 * ``plugin.py``: the entry point (group ``mq`` in ``pyproject.toml``) that registers the above through hooks.
 
-Nothing here copies core code: the grid math is ``QuantScheme``'s, the ONNX work is ``mq_core.export``'s shared
-helpers (``strip_qdq`` via ``ctx.float_model()``, ``propagate_through_passthrough``, ``rebuild_qdq``).
+Nothing here copies core code, and everything it uses comes from ``mq_core`` or ``mq_core.plugin_api`` (the public
+plugin API): the grid math is ``QuantScheme``'s, the ONNX work is ``RangesFileExporter``'s (Q/DQ stripped, table
+propagated across pass-through ops, the file read back and Q/DQ rebuilt from it for verification).
 """
 
 __version__ = "0.1.0"

@@ -32,8 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from mq_core.errors import ConfigError, ExportError
-from mq_core.export.quant_table import QuantTable, TensorQuant
+from mq_core.plugin_api import ConfigError, ExportError, QuantTable, TensorQuant
 
 FORMAT = "mq-pot-npu-fixpos/1"
 KINDS = ("activation", "weight")

@@ -8,18 +8,16 @@ callable: call it once per item. mq records this distribution's name and version
 Keep this module cheap to import and free of side effects: it runs in every process that uses mq.
 """
 
-from typing import Any
-
-from mq_core import hookimpl
+from mq_core.plugin_api import Backend, Exporter, Register, hookimpl
 from mq_plugin_example.backend import POT_NPU
 from mq_plugin_example.exporter import PotNpuExporter
 
 
 @hookimpl
-def register_backends(register: Any) -> None:
+def register_backends(register: Register[Backend]) -> None:
     register(POT_NPU)
 
 
 @hookimpl
-def register_exporters(register: Any) -> None:
+def register_exporters(register: Register[Exporter]) -> None:
     register(PotNpuExporter())

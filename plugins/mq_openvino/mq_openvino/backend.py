@@ -8,7 +8,7 @@ sums of u8 x s8 products with full 8-bit weights (see ``mq_openvino.runtime``).
 """
 
 from mq_core import Backend, QConfig, QuantizerSpec, input_placement
-from mq_core.quant.scheme import INT8_SYM, INT8_SYM_PER_CHANNEL_NARROW
+from mq_core.plugin_api import INT8_SYM, INT8_SYM_PER_CHANNEL_NARROW
 
 OV_QUANTIZED_INPUTS = ("conv", "conv_transpose", "linear", "matmul", "add", "sub", "mul", "div")
 

@@ -9,9 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from mq_core.errors import ConfigError
-from mq_core.export.exporter import ExportContext, Exporter
-from mq_core.export.qdq import QDQExporter
+from mq_core.plugin_api import ExportContext, Exporter, QDQExporter, check_choice
 from mq_openvino.fakequantize import WEIGHT_FORMS, to_fake_quantize
 
 
@@ -32,8 +30,7 @@ class OpenVINOExporter(Exporter):
         weights: str = "dequantize"
 
         def __post_init__(self) -> None:
-            if self.weights not in WEIGHT_FORMS:
-                raise ConfigError(f"option weights must be one of {list(WEIGHT_FORMS)}, got {self.weights!r}.")
+            check_choice("weights", self.weights, WEIGHT_FORMS)
 
     def export(self, ctx: ExportContext) -> None:
         model = to_fake_quantize(ctx.qdq_model, ctx.table, ctx.options.weights)

@@ -19,9 +19,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 
-from mq_core.errors import ExportError
-from mq_core.export.onnx_graph import Graph, QDQPair, make_node
-from mq_core.export.quant_table import QuantTable, TensorQuant
+from mq_core.plugin_api import ExportError, Graph, QDQPair, QuantTable, TensorQuant, make_node
 
 DOMAIN = "org.openvinotoolkit"
 WEIGHT_FORMS = ("dequantize", "fakequantize")

@@ -28,8 +28,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import numpy as np
 import onnx
 
-from mq_core.runtimes.base import Runtime
-from mq_core.runtimes.cpu import SATURATION_NOTE, int8_may_saturate
+from mq_core.plugin_api import SATURATION_NOTE, Runtime, int8_may_saturate
 
 if TYPE_CHECKING:
     import openvino

@@ -5,7 +5,7 @@ Classic Hexagon scheme: uint8 asymmetric per-tensor weights and activations; eve
 """
 
 from mq_core import Backend, QConfig, QuantizerSpec, output_placement
-from mq_core.quant.scheme import UINT8_AFFINE
+from mq_core.plugin_api import UINT8_AFFINE
 
 SNPE = Backend(
     name="snpe",

@@ -40,9 +40,7 @@ from typing import Any
 
 import numpy as np
 
-from mq_core.errors import ConfigError
-from mq_core.export.quant_table import QuantTable, TensorQuant
-from mq_core.export.ranges import unsigned_view
+from mq_core.plugin_api import ConfigError, QuantTable, TensorQuant, unsigned_view
 
 LEGACY = "0.6.1"
 V1 = "1.0.0"
@@ -106,15 +104,6 @@ def to_aimet(entries: Iterable[TensorQuant], version: str, args: dict[str, Any])
     else:
         raise ConfigError(f"unknown AIMET encodings format {version!r}; mq writes {list(FORMATS)}.")
     return {"version": version, **sections, "excluded_layers": [], "quantizer_args": args}
-
-
-def encoded_names(document: dict[str, Any]) -> set[str]:
-    """Every tensor name a document gives an encoding to (either format)."""
-    names: set[str] = set()
-    for section in _KINDS:
-        value = document.get(section, {})
-        names |= set(value) if isinstance(value, dict) else {e["name"] for e in value}
-    return names
 
 
 # --- reading ----------------------------------------------------------------------------------------------------

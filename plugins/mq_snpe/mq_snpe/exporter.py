@@ -16,21 +16,11 @@ exporter's memory) and rebuilds Q/DQ from it.
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
+from typing import Any
 
-import onnx
-
-from mq_core.errors import ConfigError, ExportError
-from mq_core.export.exporter import ExportContext, Exporter, ExportResult, Runnable
-from mq_core.export.ranges import in_graph_order, propagate_through_passthrough, rebuild_qdq, uncovered_tensors
-from mq_core.pipeline.prepare import prepare_info
-from mq_snpe.encodings import FORMATS, LEGACY, V1, encoded_names, quantizer_args, read_encodings, to_aimet
-
-log = logging.getLogger(__name__)
-
-FLOAT_KIND = "onnx-float"
-ENCODINGS_KIND = "encodings"
+from mq_core.plugin_api import ExportContext, QConfig, RangesFile, RangesFileExporter, TensorQuant, check_choice
+from mq_snpe.encodings import FORMATS, LEGACY, V1, quantizer_args, read_encodings, to_aimet
 
 #: AIMET's name for how ranges were calibrated (``quantizer_args.quant_scheme``); other observers map to
 #: ``post_training_tf_enhanced``, AIMET's name for a searched (not plain min/max) range.
@@ -38,56 +28,35 @@ _QUANT_SCHEMES = {"minmax": "post_training_tf", "ema_minmax": "post_training_tf"
                   "percentile": "post_training_percentile"}
 
 
-def _quant_scheme(ctx: ExportContext) -> str:
-    if ctx.qmodel is None:
+def _quant_scheme(qconfig: QConfig | None) -> str:
+    if qconfig is None:
         return "post_training_tf"
-    observer = prepare_info(ctx.qmodel).qconfig.activation.observer
-    return _QUANT_SCHEMES.get(observer, "post_training_tf_enhanced")
+    return _QUANT_SCHEMES.get(qconfig.activation.observer, "post_training_tf_enhanced")
 
 
-class SNPEExporter(Exporter):
+class SNPEExporter(RangesFileExporter):
     name = "snpe"
     description = "Float ONNX + AIMET encodings 0.6.1 for snpe-onnx-to-dlc --quantization_overrides."
     backends = ("snpe",)
+    float_description = "Float ONNX (no Q/DQ, BN folded, dequantized weights) for the SNPE/QNN converter."
+    files = (RangesFile("encodings", ".encodings", read_encodings,
+                        "AIMET encodings {format}: pass with --quantization_overrides."),)
+    uncovered = "have no encoding; the converter will calibrate them itself"
 
     @dataclass(frozen=True)
-    class Options(Exporter.Options):
+    class Options(RangesFileExporter.Options):
         """name: file stem (``model.float.onnx``, ``model.encodings``); format: AIMET encodings version,
         ``"0.6.1"`` (SNPE, the ``snpe`` default) or ``"1.0.0"`` (QNN, the ``qnn`` default)."""
 
         format: str = LEGACY
 
         def __post_init__(self) -> None:
-            if self.format not in FORMATS:
-                raise ConfigError(f"unknown AIMET encodings format {self.format!r}: choose one of {list(FORMATS)} "
-                                  "(0.6.1 for SNPE's snpe-onnx-to-dlc, 1.0.0 for QNN's qnn-onnx-converter).")
+            check_choice("format", self.format, FORMATS,
+                         " Use 0.6.1 for SNPE's snpe-onnx-to-dlc, 1.0.0 for QNN's qnn-onnx-converter.")
 
-    def export(self, ctx: ExportContext) -> None:
-        float_model, table = ctx.float_model()
-        table = propagate_through_passthrough(float_model, table)
-        entries = in_graph_order(float_model, table)
-        document = to_aimet(entries, ctx.options.format, quantizer_args(entries, _quant_scheme(ctx)))
-        missing = sorted(set(table) - encoded_names(document))
-        if missing:  # a tensor missing from the file would be silently re-calibrated by the converter
-            raise ExportError(f"quantized tensors missing from the encodings: {missing[:8]} (this is a bug in mq's "
-                              "export: please report it).")
-        uncovered = uncovered_tensors(float_model, table)
-        if uncovered:
-            log.warning("%d float tensor(s) have no encoding; the converter will calibrate them itself: %s",
-                        len(uncovered), ", ".join(uncovered[:10]) + (" ..." if len(uncovered) > 10 else ""))
-        stem, fmt = ctx.options.name, ctx.options.format
-        ctx.save_onnx(f"{stem}.float.onnx", float_model, FLOAT_KIND,
-                      "Float ONNX (no Q/DQ, BN folded, dequantized weights) for the SNPE/QNN converter.")
-        ctx.save_json(f"{stem}.encodings", document, ENCODINGS_KIND,
-                      f"AIMET encodings {fmt}: pass with --quantization_overrides.")
-        log.info("wrote %d encodings (format %s) for %s", len(entries), fmt, stem)
-
-    def runnables(self, result: ExportResult) -> list[Runnable]:
-        float_model = onnx.load(result.path(FLOAT_KIND))
-        axes = {name: e.axis for name, e in result.table.items() if e.axis is not None}
-        table = read_encodings(result.path(ENCODINGS_KIND), axes)
-        return [rebuild_qdq(float_model, table, ENCODINGS_KIND,
-                            "float ONNX with Q/DQ rebuilt from the encodings file as written")]
+    def write_ranges(self, ctx: ExportContext, entries: list[TensorQuant]) -> dict[str, Any]:
+        args = quantizer_args(entries, _quant_scheme(ctx.qconfig))
+        return {"encodings": to_aimet(entries, ctx.options.format, args)}
 
 
 class QNNExporter(SNPEExporter):

@@ -5,7 +5,7 @@ total-integer placement including concat, hardswish, sigmoid and every graph out
 """
 
 from mq_core import Backend, QConfig, QuantizerSpec, output_placement
-from mq_core.quant.scheme import UINT8_AFFINE
+from mq_core.plugin_api import UINT8_AFFINE
 
 TENGINE = Backend(
     name="tengine",

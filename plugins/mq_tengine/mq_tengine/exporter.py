@@ -8,7 +8,7 @@ Artifacts (``name`` option ``model``):
   graph's topological order; ``quant_tool_uint8 -m model.tmfile -s model.scale_table.txt`` quantizes with it.
 
 Tengine's quant tool reads activation ranges only: it computes weight qparams itself with per-tensor uint8
-min/max, so verification rebuilds the weights that way (``weights_as_device_quantizes`` with ``UINT8_AFFINE``).
+min/max, so verification rebuilds the weights that way (``device_weights = UINT8_AFFINE``).
 Its exact rule (``quant_save_graph.cpp``) truncates the weight zero point, ``int(-min / scale)``, where mq rounds;
 the two differ only for the lowest weight codes, by at most one weight step.
 
@@ -22,22 +22,23 @@ ReLU output's scale and zero point), and also copies scales across the other gri
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import numpy as np
 import onnx
 
-from mq_core.errors import ExportError
-from mq_core.export.exporter import ExportContext, Exporter, ExportResult, Runnable
-from mq_core.export.onnx_graph import Graph
-from mq_core.export.quant_table import QuantTable, TensorQuant, weights_as_device_quantizes
-from mq_core.export.ranges import in_graph_order, propagate_through_passthrough, rebuild_qdq, uncovered_tensors
-from mq_core.quant.scheme import UINT8_AFFINE
+from mq_core.plugin_api import (
+    UINT8_AFFINE,
+    ExportContext,
+    Graph,
+    QuantTable,
+    RangesFile,
+    RangesFileExporter,
+    TensorQuant,
+)
 from mq_tengine.scale_table import format_scale_table, read_scale_table
 
 log = logging.getLogger(__name__)
-
-FLOAT_KIND = "onnx-float"
-TABLE_KIND = "scale-table"
 
 #: Ops across which Tengine's quant tool (in-place mode) copies an output's scale onto a single-use input.
 TENGINE_INPLACE_OPS = frozenset({"Flatten", "Reshape", "Squeeze", "Clip", "Slice", "MaxPool", "Relu"})
@@ -69,37 +70,16 @@ def warn_inplace_overrides(model: onnx.ModelProto, table: QuantTable) -> list[st
     return overridden
 
 
-class TengineExporter(Exporter):
+class TengineExporter(RangesFileExporter):
     name = "tengine"
     description = "Float ONNX + Tengine scale table (name scale zero_point) for quant_tool_uint8 -s."
     backends = ("tengine",)
+    float_description = "Float ONNX (no Q/DQ, BN folded, dequantized weights) for Tengine's convert_tool."
+    files = (RangesFile("scale-table", ".scale_table.txt", lambda path, _axes: read_scale_table(path),
+                        "Tengine activation scale table: quant_tool_uint8 -s <file>."),)
+    device_weights = UINT8_AFFINE
+    uncovered = "have no scale; Tengine cannot run them in uint8"
 
-    def export(self, ctx: ExportContext) -> None:
-        float_model, table = ctx.float_model()
-        table = propagate_through_passthrough(float_model, table)
-        activations = [e for e in in_graph_order(float_model, table) if e.kind == "activation"]
-        text = format_scale_table(activations)
-        written = {line.split()[0] for line in text.splitlines()}
-        missing = sorted({n for n, e in table.items() if e.kind == "activation"} - written)
-        if missing:
-            raise ExportError(f"activation tensors missing from the scale table: {missing[:8]} (this is a bug in "
-                              "mq's export: please report it).")
-        warn_inplace_overrides(float_model, table)
-        uncovered = uncovered_tensors(float_model, table)
-        if uncovered:
-            log.warning("%d float tensor(s) have no scale; Tengine cannot run them in uint8: %s", len(uncovered),
-                        ", ".join(uncovered[:10]) + (" ..." if len(uncovered) > 10 else ""))
-        stem = ctx.options.name
-        ctx.save_onnx(f"{stem}.float.onnx", float_model, FLOAT_KIND,
-                      "Float ONNX (no Q/DQ, BN folded, dequantized weights) for Tengine's convert_tool.")
-        ctx.save_text(f"{stem}.scale_table.txt", text, TABLE_KIND,
-                      "Tengine activation scale table: quant_tool_uint8 -s <file>.")
-        log.info("wrote %d scale table lines for %s", len(activations), stem)
-
-    def runnables(self, result: ExportResult) -> list[Runnable]:
-        float_model = onnx.load(result.path(FLOAT_KIND))
-        weights = {n: e for n, e in result.table.items() if e.kind == "weight"}
-        table = {**read_scale_table(result.path(TABLE_KIND)),
-                 **weights_as_device_quantizes(float_model, weights, UINT8_AFFINE)}
-        return [rebuild_qdq(float_model, table, TABLE_KIND, "float ONNX with Q/DQ from the scale table as written "
-                            "and weights quantized by Tengine's uint8 min/max rule")]
+    def write_ranges(self, ctx: ExportContext, entries: list[TensorQuant]) -> dict[str, Any]:
+        warn_inplace_overrides(ctx.float_model()[0], {e.name: e for e in entries})
+        return {"scale-table": format_scale_table(entries)}

@@ -20,9 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mq_core.errors import ConfigError, ExportError
-from mq_core.export.quant_table import QuantTable, TensorQuant
-from mq_core.export.ranges import unsigned_view
+from mq_core.plugin_api import ConfigError, ExportError, QuantTable, TensorQuant, unsigned_view
 
 
 def format_scale(scale: float) -> str:

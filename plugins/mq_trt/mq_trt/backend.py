@@ -6,7 +6,7 @@ Weights int8 symmetric per output channel with narrow range [-127, 127]; activat
 """
 
 from mq_core import Backend, QConfig, QuantizerSpec, input_placement
-from mq_core.quant.scheme import INT8_SYM, INT8_SYM_PER_CHANNEL_NARROW
+from mq_core.plugin_api import INT8_SYM, INT8_SYM_PER_CHANNEL_NARROW
 
 #: Op kinds TensorRT wants Q/DQ in front of.
 TRT_QUANTIZED_INPUTS = ("conv", "conv_transpose", "linear", "matmul", "add")

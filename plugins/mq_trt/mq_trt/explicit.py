@@ -12,9 +12,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from mq_core.errors import ConfigError, ExportError
-from mq_core.export.exporter import ExportContext
-from mq_core.export.qdq import QDQExporter
+from mq_core.plugin_api import ExportContext, ExportError, QDQExporter, check_choice
 from mq_trt.lint import format_violations, lint_qdq
 
 log = logging.getLogger(__name__)
@@ -39,8 +37,7 @@ class TensorRTExporter(QDQExporter):
         lint: str = "error"
 
         def __post_init__(self) -> None:
-            if self.lint not in LINT_MODES:
-                raise ConfigError(f"option lint must be one of {list(LINT_MODES)}, got {self.lint!r}.")
+            check_choice("lint", self.lint, LINT_MODES)
 
     def export(self, ctx: ExportContext) -> None:
         violations = lint_qdq(ctx.qdq_model)

@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from mq_core.errors import ConfigError
+from mq_core.plugin_api import ConfigError
 
 #: The largest int8 level: TensorRT's symmetric activation grid maps [-amax, amax] onto it (amax = 127 * s).
 QMAX = 127

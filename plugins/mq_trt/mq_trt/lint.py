@@ -49,7 +49,7 @@ from typing import Any
 import numpy as np
 import onnx
 
-from mq_core.export.onnx_graph import Graph
+from mq_core.plugin_api import Graph
 
 #: Layers whose inputs TensorRT needs quantized (and whose output-channel axis the weight rule checks).
 LINEAR_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})

@@ -6,7 +6,7 @@ preset: ``mq.prepare(model, "tvm", qconfig="w8a8-pot")``.
 """
 
 from mq_core import Backend, QConfig, QuantizerSpec, output_placement
-from mq_core.quant.scheme import UINT8_AFFINE
+from mq_core.plugin_api import UINT8_AFFINE
 
 TVM = Backend(
     name="tvm",

@@ -12,8 +12,7 @@ from __future__ import annotations
 
 import logging
 
-from mq_core.export.exporter import ExportContext, Exporter
-from mq_core.export.qdq import QDQExporter
+from mq_core.plugin_api import ExportContext, Exporter, QDQExporter
 from mq_tvm.qoperator import to_qoperator
 
 log = logging.getLogger(__name__)

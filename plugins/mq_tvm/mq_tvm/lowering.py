@@ -21,7 +21,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto
 
-from mq_core.export.onnx_graph import Graph, make_node
+from mq_core.plugin_api import Graph, make_node
 
 LOWERED = ("QLinearConv", "QLinearMatMul")
 

@@ -24,8 +24,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto
 
-from mq_core.errors import ExportError
-from mq_core.export.onnx_graph import Graph, make_node
+from mq_core.plugin_api import ExportError, Graph, make_node
 from mq_tvm.lowering import requant_multiplier
 
 #: ops a per-tensor DequantizeLinear commutes with exactly: layout ops, and MaxPool (dequantization is increasing).

@@ -19,7 +19,7 @@ from typing import Any, ClassVar
 import numpy as np
 import onnx
 
-from mq_core.runtimes.base import Runtime
+from mq_core.plugin_api import Runtime
 from mq_tvm.lowering import lower_qoperators
 
 log = logging.getLogger(__name__)

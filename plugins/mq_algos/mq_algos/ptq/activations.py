@@ -19,9 +19,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from mq_core.quant.fake_quant import FakeQuantizer
-from mq_core.quant.functional import along_axis
-from mq_core.quant.scheme import SCALE_EPS
+from mq_core.plugin_api import SCALE_EPS, FakeQuantizer, along_axis
 
 log = logging.getLogger(__name__)
 

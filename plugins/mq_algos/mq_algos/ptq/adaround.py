@@ -8,7 +8,7 @@ from typing import Any, ClassVar
 from torch import nn
 
 from mq_algos.ptq.reconstruction import ReconstructionConfig, reconstruct
-from mq_core.pipeline.ptq import PTQMethod
+from mq_core.plugin_api import PTQMethod
 
 
 @dataclass(frozen=True)

@@ -29,8 +29,7 @@ from typing import Literal
 
 from torch import fx, nn
 
-from mq_core.errors import ConfigError
-from mq_core.quant.fake_quant import FakeQuantizer
+from mq_core.plugin_api import ConfigError, FakeQuantizer
 
 Granularity = Literal["layer", "block"]
 

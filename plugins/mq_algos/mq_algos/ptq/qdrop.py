@@ -9,8 +9,7 @@ from torch import nn
 
 from mq_algos.ptq.brecq import BRECQConfig
 from mq_algos.ptq.reconstruction import reconstruct
-from mq_core.errors import ConfigError
-from mq_core.pipeline.ptq import PTQMethod
+from mq_core.plugin_api import ConfigError, PTQMethod
 
 
 @dataclass(frozen=True)

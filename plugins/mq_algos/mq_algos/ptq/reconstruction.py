@@ -34,9 +34,7 @@ from tqdm.auto import tqdm
 from mq_algos.ptq.activations import ActivationPatch, patched, uses_fixed_forward
 from mq_algos.ptq.blocks import Granularity, Unit, discover_units
 from mq_algos.ptq.rounding import AdaRoundWeight, bake
-from mq_core.errors import ConfigError, SchemeError
-from mq_core.pipeline.calibrate import disable_all, num_inputs, run_batch
-from mq_core.quant.fake_quant import FakeQuantizer
+from mq_core.plugin_api import ConfigError, FakeQuantizer, SchemeError, disable_all, num_inputs, run_batch
 
 log = logging.getLogger(__name__)
 

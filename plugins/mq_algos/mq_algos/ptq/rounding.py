@@ -14,10 +14,15 @@ import math
 import torch
 from torch import nn
 
-from mq_core.errors import CalibrationError
-from mq_core.nn.bn_fold import bn_scale_factor, channel_view
-from mq_core.nn.qat import QATBnModule, QATModule
-from mq_core.quant.functional import along_axis, quantize
+from mq_core.plugin_api import (
+    CalibrationError,
+    QATBnModule,
+    QATModule,
+    along_axis,
+    bn_scale_factor,
+    channel_view,
+    quantize,
+)
 
 log = logging.getLogger(__name__)
 

@@ -33,10 +33,7 @@ import torch
 from torch import nn
 
 from mq_algos.quantizers.base import LearnableFakeQuantizer, positive
-from mq_core.errors import ExportError
-from mq_core.quant.functional import along_axis
-from mq_core.quant.observers.base import Observer, channels_first
-from mq_core.quant.scheme import SCALE_EPS, QuantScheme
+from mq_core.plugin_api import SCALE_EPS, ExportError, Observer, QuantScheme, along_axis, channels_first
 
 #: Added to the standard deviation by ``weight_norm`` (a constant channel stays finite).
 NORM_EPS = 1e-5

@@ -20,9 +20,7 @@ import torch
 from torch import nn
 
 from mq_core import FakeQuantizer, SchemeError
-from mq_core.quant.functional import fake_quantize
-from mq_core.quant.observers.base import Observer
-from mq_core.quant.scheme import SCALE_EPS, QuantScheme
+from mq_core.plugin_api import SCALE_EPS, Observer, QuantScheme, fake_quantize
 
 
 class RoundSTE(torch.autograd.Function):

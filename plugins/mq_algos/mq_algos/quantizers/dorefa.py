@@ -31,13 +31,18 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from mq_core.errors import CalibrationError, ExportError, SchemeError
-from mq_core.nn.bn_fold import bn_scale_factor
-from mq_core.nn.qat import QATBnModule
-from mq_core.quant.fake_quant import FakeQuantizer
-from mq_core.quant.functional import fake_quantize
-from mq_core.quant.observers.base import Observer, channels_first
-from mq_core.quant.scheme import QuantScheme
+from mq_core.plugin_api import (
+    CalibrationError,
+    ExportError,
+    FakeQuantizer,
+    Observer,
+    QATBnModule,
+    QuantScheme,
+    SchemeError,
+    bn_scale_factor,
+    channels_first,
+    fake_quantize,
+)
 
 
 class DoReFaFakeQuantizer(FakeQuantizer):

@@ -33,10 +33,7 @@ import torch
 from torch import nn
 
 from mq_algos.quantizers.base import LearnableFakeQuantizer, RoundSTE, positive
-from mq_core.errors import ConfigError
-from mq_core.quant.functional import along_axis
-from mq_core.quant.observers.base import Observer
-from mq_core.quant.scheme import SCALE_EPS, QuantScheme
+from mq_core.plugin_api import SCALE_EPS, ConfigError, Observer, QuantScheme, along_axis
 
 #: ``alpha`` is kept inside (0, 1), where the staircase is defined (0: hard steps, 1: the identity).
 ALPHA_RANGE = (1e-3, 1.0 - 1e-3)

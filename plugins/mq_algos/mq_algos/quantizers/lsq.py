@@ -33,10 +33,7 @@ import torch
 from torch import nn
 
 from mq_algos.quantizers.base import LearnableFakeQuantizer, elements_per_scale, positive, reduce_to
-from mq_core.quant.functional import along_axis
-from mq_core.quant.observers.base import Observer, channels_first
-from mq_core.quant.observers.minmax import MinMaxObserver
-from mq_core.quant.scheme import SCALE_EPS, QuantScheme
+from mq_core.plugin_api import SCALE_EPS, MinMaxObserver, Observer, QuantScheme, along_axis, channels_first
 
 
 class LSQFunction(torch.autograd.Function):

@@ -32,10 +32,7 @@ import torch
 from torch import nn
 
 from mq_algos.quantizers.base import LearnableFakeQuantizer, elements_per_scale, positive, reduce_to
-from mq_core.quant.functional import along_axis
-from mq_core.quant.observers.base import Observer
-from mq_core.quant.observers.clip_std import ClipStdObserver
-from mq_core.quant.scheme import SCALE_EPS, QuantScheme
+from mq_core.plugin_api import SCALE_EPS, ClipStdObserver, Observer, QuantScheme, along_axis
 
 
 class LSQPlusFunction(torch.autograd.Function):

@@ -34,10 +34,7 @@ import torch
 from torch import nn
 
 from mq_algos.quantizers.base import LearnableFakeQuantizer, positive, reduce_to
-from mq_core.errors import ConfigError
-from mq_core.quant.functional import along_axis
-from mq_core.quant.observers.base import Observer
-from mq_core.quant.scheme import SCALE_EPS, QuantScheme
+from mq_core.plugin_api import SCALE_EPS, ConfigError, Observer, QuantScheme, along_axis
 
 log = logging.getLogger(__name__)
 

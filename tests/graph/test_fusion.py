@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import pytest
 import torch
 import torch.nn.functional as F
-from engine_utils import deterministic
 from torch import nn
 
 import mq_core as mq
@@ -16,10 +15,7 @@ from mq_core.nn import QAT_MODULES, QATBnModule, QATModule
 from mq_core.plugins.lookup import fusion_patterns
 from mq_core.testing.zoo import ZOO
 
-
-@pytest.fixture(autouse=True)
-def _deterministic() -> Iterator[None]:
-    yield from deterministic()
+pytestmark = pytest.mark.usefixtures("deterministic")
 
 
 def randomized(bn: nn.Module) -> nn.Module:

@@ -1,23 +1,20 @@
 """The backend matrix: every zoo architecture prepares and calibrates for every installed backend, close to float.
 
-Generic on purpose: a third-party backend plugin can run the same checks by adding its name to ``ALL_BACKENDS``.
+Generic on purpose: a third-party backend plugin can run the same checks by parametrizing over
+``(*ALL_BACKENDS, "my-backend")`` from ``mq_core.testing.backends``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 import torch
-from engine_utils import ALL_BACKENDS, backend_or_skip, deterministic, rel_err
+from helpers import rel_err
 
 import mq_core as mq
+from mq_core.testing.backends import ALL_BACKENDS, backend_or_skip
 from mq_core.testing.zoo import ZOO
 
-
-@pytest.fixture(autouse=True)
-def _deterministic() -> Iterator[None]:
-    yield from deterministic()
+pytestmark = pytest.mark.usefixtures("deterministic")
 
 
 @pytest.mark.parametrize("name", list(ZOO))

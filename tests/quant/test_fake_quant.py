@@ -2,22 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import numpy as np
 import pytest
 import torch
-from engine_utils import deterministic
 
 from mq_core import CalibrationError, FakeQuantizer, QuantScheme, get_fake_quantizer
 from mq_core.quant.fake_quant import FixedFakeQuantizer
 from mq_core.quant.functional import fake_quantize
 from mq_core.quant.observers.minmax import MinMaxObserver
 
-
-@pytest.fixture(autouse=True)
-def _deterministic() -> Iterator[None]:
-    yield from deterministic()
+pytestmark = pytest.mark.usefixtures("deterministic")
 
 
 def fixed(scheme: QuantScheme, exact: bool = True) -> FakeQuantizer:

@@ -4,22 +4,17 @@ from __future__ import annotations
 
 import copy
 import io
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
-from engine_utils import deterministic
 from torch import nn
 
 import mq_core as mq
 from mq_core.testing.zoo import ZOO
 
-
-@pytest.fixture(autouse=True)
-def _deterministic() -> Iterator[None]:
-    yield from deterministic()
+pytestmark = pytest.mark.usefixtures("deterministic")
 
 
 def calibrated(name: str, backend: str, **options: object) -> tuple[nn.Module, nn.Module, list[torch.Tensor]]:

@@ -4,17 +4,14 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import operator
-from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
-from engine_utils import (
-    ALL_BACKENDS,
-    OUTPUT_BACKENDS,
-    backend_or_skip,
-    deterministic,
+from helpers import (
     fq_nodes,
     is_fq_node,
     modules_of,
@@ -28,223 +25,20 @@ import mq_core as mq
 from mq_core.graph.ops import op_kind
 from mq_core.graph.policy import PASSTHROUGH_KINDS
 from mq_core.quant.fake_quant import FakeQuantizer
+from mq_core.testing.backends import ALL_BACKENDS, OUTPUT_BACKENDS, backend_or_skip
 from mq_core.testing.zoo import ZOO
 
-
-@pytest.fixture(autouse=True)
-def _deterministic() -> Iterator[None]:
-    yield from deterministic()
+pytestmark = pytest.mark.usefixtures("deterministic")
 
 
-#: Expected ``mq_info.placements[""]`` per policy family, one line per quantized tensor:
-#: ``tensor -> consumers (* = every reader) s|u (signed / unsigned grid) | reason``. Reviewed by hand against the
-#: rules in backends.md (TensorRT: inputs of conv/linear/matmul and both add inputs, outputs float; OpenVINO: also
-#: the network input, unsigned after ReLU-like producers; SNPE/TVM/Tengine/qdq share one output-placement policy:
+#: Expected ``mq_info.placements[""]`` per policy family ("output": the policy SNPE/TVM/Tengine/qdq share), per zoo
+#: model, one line per quantized tensor: ``tensor -> consumers (* = every reader) s|u (signed / unsigned grid) |
+#: reason``. Reviewed by hand against the rules in backends.md (TensorRT: inputs of conv/linear/matmul and both add
+#: inputs, outputs float; OpenVINO: also the network input, unsigned after ReLU-like producers; the output policy:
 #: every compute output, ReLU merged into its producer, layout and max-pool passed through). After an intended
-#: change, regenerate with ``placements(mq.prepare(...))`` from engine_utils and review the diff.
-OUTPUT_SNAPSHOTS = {
-    "resnet": [
-        "x -> * s | network input",
-        "stem_0 -> * s | output of conv",
-        "layer1_0_conv1 -> * s | output of conv",
-        "layer1_0_conv2 -> * s | output of conv",
-        "relu -> * s | output of relu",
-        "layer1_1_conv1 -> * s | output of conv",
-        "layer1_1_conv2 -> * s | output of conv",
-        "relu_1 -> * s | output of relu",
-        "layer2_0_downsample_0 -> * s | output of conv",
-        "layer2_0_conv1 -> * s | output of conv",
-        "layer2_0_conv2 -> * s | output of conv",
-        "relu_2 -> * s | output of relu",
-        "layer2_1_conv1 -> * s | output of conv",
-        "layer2_1_conv2 -> * s | output of conv",
-        "relu_3 -> * s | output of relu",
-        "avgpool -> * s | output of avgpool",
-        "fc -> * s | output of linear",
-    ],
-    "mobilenet": [
-        "x -> * s | network input",
-        "features_0 -> * s | output of conv",
-        "features_3_block_0 -> * s | output of conv",
-        "features_3_block_3 -> * s | output of conv",
-        "features_3_block_6 -> * s | output of conv",
-        "add -> * s | output of add",
-        "features_4_block_0 -> * s | output of conv",
-        "features_4_block_3 -> * s | output of conv",
-        "features_4_block_6 -> * s | output of conv",
-        "features_5_block_0 -> * s | output of conv",
-        "features_5_block_3 -> * s | output of conv",
-        "features_5_block_6 -> * s | output of conv",
-        "add_1 -> * s | output of add",
-        "head_0 -> * s | output of avgpool",
-        "head_3 -> * s | output of linear",
-    ],
-    "unet": [
-        "x -> * s | network input",
-        "enc1_0 -> * s | output of conv",
-        "enc2_0 -> * s | output of conv",
-        "up -> * s | output of conv_transpose",
-        "cat -> * s | output of cat",
-        "fuse_0 -> * s | output of conv",
-        "avg_pool2d -> * s | output of avgpool",
-        "head -> * s | output of conv",
-        "interpolate -> * s | output of interpolate",
-        "head_1 -> * s | output of conv",
-        "add -> * s | output of add",
-    ],
-    "mlp_bn": [
-        "x -> * s | network input",
-        "net_0 -> * s | output of linear",
-        "net_3 -> * s | output of linear",
-        "net_6 -> * s | output of linear",
-    ],
-    "attention": [
-        "x -> * s | network input",
-        "norm1 -> * s | output of norm",
-        "qkv -> * s | output of linear",
-        "matmul -> * s | output of matmul",
-        "mul -> * s | output of scalar_arith",
-        "softmax -> * s | output of softmax",
-        "matmul_1 -> * s | output of matmul",
-        "proj -> * s | output of linear",
-        "add -> * s | output of add",
-        "norm2 -> * s | output of norm",
-        "mlp_0 -> * s | output of linear",
-        "mlp_1 -> * s | output of activation",
-        "mlp_2 -> * s | output of linear",
-        "add_1 -> * s | output of add",
-        "mean -> * s | output of mean",
-        "cls -> * s | output of linear",
-    ],
-}
-TENSORRT_SNAPSHOTS = {
-    "resnet": [
-        "x -> stem_0 s | input of conv",
-        "pool -> layer1_0_conv1,add s | input of conv",
-        "layer1_0_conv1 -> layer1_0_conv2 s | input of conv",
-        "layer1_0_conv2 -> add s | input of add",
-        "relu -> layer1_1_conv1,add_1 s | input of conv",
-        "layer1_1_conv1 -> layer1_1_conv2 s | input of conv",
-        "layer1_1_conv2 -> add_1 s | input of add",
-        "relu_1 -> layer2_0_downsample_0,layer2_0_conv1 s | input of conv",
-        "layer2_0_conv1 -> layer2_0_conv2 s | input of conv",
-        "layer2_0_conv2 -> add_2 s | input of add",
-        "layer2_0_downsample_0 -> add_2 s | input of add",
-        "relu_2 -> layer2_1_conv1,add_3 s | input of conv",
-        "layer2_1_conv1 -> layer2_1_conv2 s | input of conv",
-        "layer2_1_conv2 -> add_3 s | input of add",
-        "flatten -> fc s | input of linear",
-    ],
-    "mobilenet": [
-        "x -> features_0 s | input of conv",
-        "features_0 -> features_3_block_0,add s | input of conv",
-        "features_3_block_0 -> features_3_block_3 s | input of conv",
-        "features_3_block_3 -> features_3_block_6 s | input of conv",
-        "features_3_block_6 -> add s | input of add",
-        "add -> features_4_block_0 s | input of conv",
-        "features_4_block_0 -> features_4_block_3 s | input of conv",
-        "features_4_block_3 -> features_4_block_6 s | input of conv",
-        "features_4_block_6 -> features_5_block_0,add_1 s | input of conv",
-        "features_5_block_0 -> features_5_block_3 s | input of conv",
-        "features_5_block_3 -> features_5_block_6 s | input of conv",
-        "features_5_block_6 -> add_1 s | input of add",
-        "head_2 -> head_3 s | input of linear",
-    ],
-    "unet": [
-        "x -> enc1_0 s | input of conv",
-        "enc1_0 -> enc2_0 s | input of conv",
-        "enc2_0 -> up s | input of conv_transpose",
-        "cat -> fuse_0 s | input of conv",
-        "avg_pool2d -> head s | input of conv",
-        "fuse_0 -> head_1 s | input of conv",
-        "head_1 -> add s | input of add",
-        "interpolate -> add s | input of add",
-    ],
-    "mlp_bn": [
-        "x -> net_0 s | input of linear",
-        "net_0 -> net_3 s | input of linear",
-        "net_3 -> net_6 s | input of linear",
-    ],
-    "attention": [
-        "norm1 -> qkv s | input of linear",
-        "getitem_3 -> matmul s | input of matmul",
-        "transpose -> matmul s | input of matmul",
-        "softmax -> matmul_1 s | input of matmul",
-        "getitem_5 -> matmul_1 s | input of matmul",
-        "reshape_1 -> proj s | input of linear",
-        "x -> add s | input of add",
-        "proj -> add s | input of add",
-        "norm2 -> mlp_0 s | input of linear",
-        "mlp_1 -> mlp_2 s | input of linear",
-        "add -> add_1 s | input of add",
-        "mlp_2 -> add_1 s | input of add",
-        "mean -> cls s | input of linear",
-    ],
-}
-OPENVINO_SNAPSHOTS = {
-    "resnet": [
-        "x -> * s | network input",
-        "pool -> layer1_0_conv1,add u | input of conv",
-        "layer1_0_conv1 -> layer1_0_conv2 u | input of conv",
-        "layer1_0_conv2 -> add s | input of add",
-        "relu -> layer1_1_conv1,add_1 u | input of conv",
-        "layer1_1_conv1 -> layer1_1_conv2 u | input of conv",
-        "layer1_1_conv2 -> add_1 s | input of add",
-        "relu_1 -> layer2_0_downsample_0,layer2_0_conv1 u | input of conv",
-        "layer2_0_conv1 -> layer2_0_conv2 u | input of conv",
-        "layer2_0_conv2 -> add_2 s | input of add",
-        "layer2_0_downsample_0 -> add_2 s | input of add",
-        "relu_2 -> layer2_1_conv1,add_3 u | input of conv",
-        "layer2_1_conv1 -> layer2_1_conv2 u | input of conv",
-        "layer2_1_conv2 -> add_3 s | input of add",
-        "flatten -> fc u | input of linear",
-    ],
-    "mobilenet": [
-        "x -> * s | network input",
-        "features_0 -> features_3_block_0,add u | input of conv",
-        "features_3_block_0 -> features_3_block_3 u | input of conv",
-        "features_3_block_3 -> features_3_block_6 u | input of conv",
-        "features_3_block_6 -> add s | input of add",
-        "add -> features_4_block_0 s | input of conv",
-        "features_4_block_0 -> features_4_block_3 u | input of conv",
-        "features_4_block_3 -> features_4_block_6 u | input of conv",
-        "features_4_block_6 -> features_5_block_0,add_1 s | input of conv",
-        "features_5_block_0 -> features_5_block_3 u | input of conv",
-        "features_5_block_3 -> features_5_block_6 u | input of conv",
-        "features_5_block_6 -> add_1 s | input of add",
-        "head_2 -> head_3 s | input of linear",
-    ],
-    "unet": [
-        "x -> * s | network input",
-        "enc1_0 -> enc2_0 u | input of conv",
-        "enc2_0 -> up u | input of conv_transpose",
-        "cat -> fuse_0 u | input of conv",
-        "avg_pool2d -> head u | input of conv",
-        "fuse_0 -> head_1 u | input of conv",
-        "head_1 -> add s | input of add",
-        "interpolate -> add s | input of add",
-    ],
-    "mlp_bn": [
-        "x -> * s | network input",
-        "net_0 -> net_3 u | input of linear",
-        "net_3 -> net_6 u | input of linear",
-    ],
-    "attention": [
-        "x -> * s | network input",
-        "norm1 -> qkv s | input of linear",
-        "getitem_3 -> matmul s | input of matmul",
-        "transpose -> matmul s | input of matmul",
-        "softmax -> matmul_1 s | input of matmul",
-        "getitem_5 -> matmul_1 s | input of matmul",
-        "reshape_1 -> proj s | input of linear",
-        "proj -> add s | input of add",
-        "norm2 -> mlp_0 s | input of linear",
-        "mlp_1 -> mlp_2 s | input of linear",
-        "add -> add_1 s | input of add",
-        "mlp_2 -> add_1 s | input of add",
-        "mean -> cls s | input of linear",
-    ],
-}
+#: change, regenerate with ``placements(mq.prepare(...))`` from helpers and review the diff.
+SNAPSHOTS: dict[str, dict[str, list[str]]] = json.loads(
+    (Path(__file__).parent / "placement_snapshots.json").read_text(encoding="utf-8"))
 
 
 def prepared(backend: str | mq.Backend, name: str, **options: object) -> fx.GraphModule:
@@ -259,9 +53,7 @@ def prepared_once(backend: str, name: str) -> fx.GraphModule:
 
 
 def expected_snapshot(backend: str, name: str) -> list[str]:
-    if backend in OUTPUT_BACKENDS:
-        return OUTPUT_SNAPSHOTS[name]
-    return {"tensorrt": TENSORRT_SNAPSHOTS, "openvino": OPENVINO_SNAPSHOTS}[backend][name]
+    return SNAPSHOTS["output" if backend in OUTPUT_BACKENDS else backend][name]
 
 
 # --- snapshots --------------------------------------------------------------------------------------------------------

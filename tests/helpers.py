@@ -1,44 +1,18 @@
-"""Helpers shared by the engine tests: backend lookup that skips when a plugin is missing, graph inspection."""
+"""Helpers shared by the test modules (``tests/`` is on ``sys.path`` through ``tests/conftest.py``): error measures,
+fx graph inspection and the digits QAT loop. Backend lists live in ``mq_core.testing.backends``."""
 
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable
 
-import pytest
 import torch
+import torch.nn.functional as F
 from torch import fx, nn
 
 import mq_core as mq
-from mq_core.errors import UnknownNameError
+from mq_core.demo.digits import DigitsData
 from mq_core.quant.fake_quant import FakeQuantizer
-
-#: Every backend the engine suite exercises (first-party plugins plus the core's qdq).
-ALL_BACKENDS = ("qdq", "tensorrt", "openvino", "snpe", "tvm", "tengine")
-#: Backends with total-integer (output) placement.
-OUTPUT_BACKENDS = ("qdq", "snpe", "tvm", "tengine")
-#: Backends with input placement.
-INPUT_BACKENDS = ("tensorrt", "openvino")
-
-
-def deterministic() -> Iterator[None]:
-    """Body of each test module's autouse fixture: a fixed seed, and one intra-op thread for the duration of the
-    test (the models are tiny; on a loaded 2-core machine a second thread only adds contention, ~4x the run time)."""
-    torch.manual_seed(0)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
-def backend_or_skip(name: str) -> mq.Backend:
-    """The backend, or skip the test when its plugin distribution is not installed."""
-    try:
-        return mq.get_backend(name)
-    except UnknownNameError as exc:
-        pytest.skip(str(exc))
 
 
 def modules_of(gm: nn.Module) -> dict[str, nn.Module]:
@@ -94,3 +68,31 @@ def placements(qmodel: nn.Module, key: str = "") -> list[str]:
         consumers = "*" if record["consumers"] == "all" else ",".join(record["consumers"])
         lines.append(f"{record['tensor']} -> {consumers} {'u' if record['unsigned'] else 's'} | {record['reason']}")
     return lines
+
+
+def train_qat(qmodel: nn.Module, data: DigitsData, epochs: int, freeze_bn_epoch: int, *, lr: float = 5e-4,
+              after_step: Callable[[], None] | None = None) -> list[float]:
+    """Fine-tune a prepared (and calibrated) QAT model on the digits training set, as the QAT tests do: seeded,
+    Adam with a cosine schedule, BatchNorm frozen from ``freeze_bn_epoch`` on (as the deploy model uses it).
+
+    ``after_step`` runs after each optimizer step (to watch state that must stay bounded). Returns the loss of
+    every step.
+    """
+    torch.manual_seed(0)
+    optimizer = torch.optim.Adam(qmodel.parameters(), lr=lr)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, epochs)
+    losses = []
+    for epoch in range(epochs):
+        qmodel.train()
+        if epoch == freeze_bn_epoch:
+            mq.freeze_bn(qmodel)
+        for xb, yb in data.train_batches(batch_size=64, seed=epoch):
+            optimizer.zero_grad()
+            loss = F.cross_entropy(qmodel(xb), yb)
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+            if after_step is not None:
+                after_step()
+        schedule.step()
+    return losses

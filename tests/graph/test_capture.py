@@ -5,16 +5,12 @@ from __future__ import annotations
 
 import copy
 import inspect
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
-from engine_utils import (
-    OUTPUT_BACKENDS,
-    backend_or_skip,
-    deterministic,
+from helpers import (
     fq_nodes,
     modules_of,
     output_quantized,
@@ -29,11 +25,9 @@ from torch.ao.quantization import DeQuantStub, QuantStub
 import mq_core as mq
 from mq_core.nn import QATModule
 from mq_core.quant.fake_quant import FakeQuantizer
+from mq_core.testing.backends import OUTPUT_BACKENDS, backend_or_skip
 
-
-@pytest.fixture(autouse=True)
-def _deterministic() -> Iterator[None]:
-    yield from deterministic()
+pytestmark = pytest.mark.usefixtures("deterministic")
 
 
 X = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))

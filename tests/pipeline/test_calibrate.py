@@ -6,16 +6,13 @@ from collections.abc import Iterator
 
 import pytest
 import torch
-from engine_utils import deterministic, rel_err
+from helpers import rel_err
 from torch import nn
 
 import mq_core as mq
 from mq_core.testing.zoo import ZOO
 
-
-@pytest.fixture(autouse=True)
-def _deterministic() -> Iterator[None]:
-    yield from deterministic()
+pytestmark = pytest.mark.usefixtures("deterministic")
 
 
 def small() -> nn.Module:

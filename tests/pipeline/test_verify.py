@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import pytest
 
 import mq_core as mq
 from mq_core.export.onnx_graph import Graph
-from mq_core.pipeline.verify import STEP_EPSILON
+from mq_core.pipeline.verify import STEP_EPSILON, select_runtimes
 from mq_core.testing.zoo import ZOO
 
 
@@ -103,3 +104,15 @@ def test_unquantized_outputs_use_an_8_bit_yardstick(tmp_path: Path) -> None:
     (check,) = mq.verify(result, x).checks
     reference = qmodel(x).detach().numpy()
     assert check.step == pytest.approx(float(np.ptp(reference)) / 255, rel=1e-6)
+
+
+def test_runtime_selection_skips_a_default_runtime_that_is_not_installed() -> None:
+    backend = dataclasses.replace(mq.get_backend("qdq"), runtimes=("onnxruntime", "no-such-runtime"))
+    skipped: list[str] = []
+    assert [r.name for r in select_runtimes(backend, None, skipped)] == ["onnxruntime"]
+    assert len(skipped) == 1 and "no-such-runtime" in skipped[0]
+    assert [r.name for r in select_runtimes(backend, "tvm", skipped)] == ["tvm"]
+    assert {r.name for r in select_runtimes(backend, "all", skipped)} == set(mq.list_runtimes())
+    with pytest.raises(mq.UnknownNameError):
+        select_runtimes(backend, ["no-such-runtime"], skipped)
+    assert len(skipped) == 1
