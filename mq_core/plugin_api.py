@@ -30,17 +30,20 @@ if TYPE_CHECKING:
     from mq_core.export.exporter import Artifact, ExportContext, Exporter, ExportResult, Runnable
     from mq_core.export.onnx_graph import Graph, QDQPair, make_node
     from mq_core.export.qdq import QDQExporter
-    from mq_core.export.quant_table import QuantTable, TensorQuant, apply_table, strip_qdq, weights_as_device_quantizes
     from mq_core.export.ranges import (
         PASSTHROUGH_OPS,
+        QuantTable,
+        TensorQuant,
+        apply_table,
         graph_order,
         in_graph_order,
         propagate_through_passthrough,
-        rebuild_qdq,
+        strip_qdq,
         uncovered_tensors,
         unsigned_view,
+        weights_as_device_quantizes,
     )
-    from mq_core.export.ranges_file import RangesFile, RangesFileExporter
+    from mq_core.export.ranges_file import RangesFile, RangesFileExporter, rebuild_qdq
     from mq_core.graph.fusion import FusionPattern, ModulePredicate
     from mq_core.graph.policy import PlacementPolicy, input_placement, output_placement
     from mq_core.hookspecs import Register, RegisterQATModule, hookimpl
@@ -166,16 +169,16 @@ _HOMES: dict[str, tuple[str, str]] = {
     "QDQPair": ("mq_core.export.onnx_graph", "QDQPair"),
     "make_node": ("mq_core.export.onnx_graph", "make_node"),
     "QDQExporter": ("mq_core.export.qdq", "QDQExporter"),
-    "QuantTable": ("mq_core.export.quant_table", "QuantTable"),
-    "TensorQuant": ("mq_core.export.quant_table", "TensorQuant"),
-    "apply_table": ("mq_core.export.quant_table", "apply_table"),
-    "strip_qdq": ("mq_core.export.quant_table", "strip_qdq"),
-    "weights_as_device_quantizes": ("mq_core.export.quant_table", "weights_as_device_quantizes"),
+    "QuantTable": ("mq_core.export.ranges", "QuantTable"),
+    "TensorQuant": ("mq_core.export.ranges", "TensorQuant"),
+    "apply_table": ("mq_core.export.ranges", "apply_table"),
+    "strip_qdq": ("mq_core.export.ranges", "strip_qdq"),
+    "weights_as_device_quantizes": ("mq_core.export.ranges", "weights_as_device_quantizes"),
     "PASSTHROUGH_OPS": ("mq_core.export.ranges", "PASSTHROUGH_OPS"),
     "graph_order": ("mq_core.export.ranges", "graph_order"),
     "in_graph_order": ("mq_core.export.ranges", "in_graph_order"),
     "propagate_through_passthrough": ("mq_core.export.ranges", "propagate_through_passthrough"),
-    "rebuild_qdq": ("mq_core.export.ranges", "rebuild_qdq"),
+    "rebuild_qdq": ("mq_core.export.ranges_file", "rebuild_qdq"),
     "uncovered_tensors": ("mq_core.export.ranges", "uncovered_tensors"),
     "unsigned_view": ("mq_core.export.ranges", "unsigned_view"),
     "RangesFile": ("mq_core.export.ranges_file", "RangesFile"),

@@ -32,7 +32,7 @@ from mq_core.errors import ExportError
 from mq_core.export.deploy import DeployLayer, DeployQuantizer, deploy_view
 from mq_core.export.onnx_graph import Graph, make_node
 from mq_core.export.ops import TRANSLATIONS
-from mq_core.export.quant_table import QuantTable, TensorQuant
+from mq_core.export.ranges import QuantTable, TensorQuant
 
 log = logging.getLogger(__name__)
 

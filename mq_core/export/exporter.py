@@ -23,7 +23,7 @@ from mq_core.backend import Backend
 from mq_core.errors import ConfigError, ExportError
 from mq_core.export.manifest import MANIFEST, check_self_contained, inside, read_manifest, unsafe_path
 from mq_core.export.onnx_graph import save_model
-from mq_core.export.quant_table import QuantTable, TensorQuant, strip_qdq
+from mq_core.export.ranges import QuantTable, TensorQuant, strip_qdq
 from mq_core.io import atomic_write_text
 from mq_core.quant.qconfig import QConfig
 

@@ -33,10 +33,18 @@ from typing import Any, ClassVar
 
 import onnx
 
-from mq_core.errors import ExportError
+from mq_core.errors import ExportError, VerificationError
 from mq_core.export.exporter import ExportContext, Exporter, ExportResult, Runnable
-from mq_core.export.quant_table import QuantTable, TensorQuant, weights_as_device_quantizes
-from mq_core.export.ranges import in_graph_order, propagate_through_passthrough, rebuild_qdq, uncovered_tensors
+from mq_core.export.ranges import (
+    QuantTable,
+    TensorQuant,
+    apply_table,
+    graph_order,
+    in_graph_order,
+    propagate_through_passthrough,
+    uncovered_tensors,
+    weights_as_device_quantizes,
+)
 from mq_core.quant.scheme import QuantScheme
 from mq_core.text import shorten
 
@@ -137,3 +145,15 @@ class RangesFileExporter(Exporter):
                                   f"float ONNX with Q/DQ from the {file.kind} file {how}")
             runnables.append(Runnable(file.kind, self.runnable_model(rebuilt.model), rebuilt.description))
         return runnables
+
+
+def rebuild_qdq(float_model: onnx.ModelProto, table: QuantTable, artifact: str, description: str) -> Runnable:
+    """A runnable QDQ model from the float ONNX and a table parsed back from the artifact's ranges file."""
+    names = set(graph_order(float_model)) | {i.name for i in float_model.graph.initializer}
+    unknown = sorted(set(table) - names)
+    if unknown:
+        raise VerificationError(
+            f"the {artifact} file names {len(unknown)} tensor(s) the float ONNX does not have: {unknown[:8]}; "
+            "the two files do not belong together (re-export both)."
+        )
+    return Runnable(artifact, apply_table(float_model, table), description)

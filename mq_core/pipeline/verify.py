@@ -34,7 +34,7 @@ from mq_core.errors import ConfigError, MQError, UnknownNameError, VerificationE
 from mq_core.export.canonical import _tensor_table
 from mq_core.export.deploy import deploy_view
 from mq_core.export.exporter import ExportResult
-from mq_core.export.quant_table import QuantTable, TensorQuant
+from mq_core.export.ranges import QuantTable, TensorQuant
 from mq_core.pipeline.prepare import as_inputs, prepare_info
 from mq_core.plugins.lookup import get_exporter, get_runtime, list_runtimes
 from mq_core.quant.fake_quant import FakeQuantizer

@@ -21,7 +21,7 @@ from torch import nn
 
 import mq_core as mq
 from mq_core.export.onnx_graph import Graph
-from mq_core.export.quant_table import TensorQuant
+from mq_core.export.ranges import TensorQuant
 from mq_core.pipeline.export import export_many
 from mq_core.runtimes.cpu import int8_may_saturate
 from mq_core.testing import golden

@@ -14,8 +14,7 @@ from mq_snpe.encodings import from_aimet, read_encodings, to_aimet
 from torch import nn
 
 import mq_core as mq
-from mq_core.export.quant_table import TensorQuant
-from mq_core.export.ranges import graph_order, propagate_through_passthrough
+from mq_core.export.ranges import TensorQuant, graph_order, propagate_through_passthrough
 from mq_core.pipeline.export import export_many
 from mq_core.plugins.lookup import get_entry
 from mq_core.quant.scheme import INT8_SYM_PER_CHANNEL, UINT8_AFFINE

@@ -16,8 +16,7 @@ from onnx import numpy_helper
 from torch import nn
 
 import mq_core as mq
-from mq_core.export.quant_table import TensorQuant
-from mq_core.export.ranges import graph_order
+from mq_core.export.ranges import TensorQuant, graph_order
 from mq_core.plugins.lookup import get_entry
 from mq_core.testing.golden import TinyNet, set_qparams, tiny_inputs
 

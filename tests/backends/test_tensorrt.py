@@ -25,7 +25,7 @@ from torch import nn
 
 import mq_core as mq
 from mq_core.export.onnx_graph import Graph
-from mq_core.export.quant_table import strip_qdq
+from mq_core.export.ranges import strip_qdq
 from mq_core.pipeline.export import export_many
 from mq_core.quant.scheme import UINT8_AFFINE
 from mq_core.testing import golden

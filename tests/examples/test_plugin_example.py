@@ -22,7 +22,7 @@ from torch import nn
 
 import mq_core as mq
 import mq_core.plugins
-from mq_core.export.quant_table import TensorQuant
+from mq_core.export.ranges import TensorQuant
 from mq_core.testing.golden import TinyNet, set_qparams, tiny_inputs
 
 PLUGIN_SOURCE = Path(__file__).resolve().parents[2] / "examples" / "mq_plugin_example"

@@ -15,7 +15,7 @@ import mq_core as mq
 from mq_core.export.canonical import export_qdq_onnx
 from mq_core.export.exporter import ExportContext, Exporter
 from mq_core.export.onnx_graph import Graph
-from mq_core.export.quant_table import apply_table, strip_qdq
+from mq_core.export.ranges import apply_table, strip_qdq
 from mq_core.runtimes.onnxruntime import OnnxRuntime
 from mq_core.testing.zoo import ZOO
 
