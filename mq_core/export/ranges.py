@@ -327,10 +327,15 @@ def in_graph_order(model: onnx.ModelProto, table: QuantTable) -> list[TensorQuan
     return [table[name] for name in graph_order(model) if name in table]
 
 
+def unknown_names(model: onnx.ModelProto, table: QuantTable) -> list[str]:
+    """The table's tensor names that are neither a node output, a graph input nor an initializer of ``model``."""
+    names = set(graph_order(model)) | {i.name for i in model.graph.initializer}
+    return sorted(set(table) - names)
+
+
 def check_names(model: onnx.ModelProto, table: QuantTable) -> None:
     """Every table entry must name a tensor of ``model``; a converter ignores names it cannot find."""
-    names = set(graph_order(model)) | {i.name for i in model.graph.initializer}
-    missing = sorted(set(table) - names)
+    missing = unknown_names(model, table)
     if missing:
         raise ExportError(
             f"{len(missing)} quantized tensor(s) are not tensors of the float ONNX: {missing[:8]}; the target's "

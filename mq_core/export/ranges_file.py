@@ -39,10 +39,10 @@ from mq_core.export.ranges import (
     QuantTable,
     TensorQuant,
     apply_table,
-    graph_order,
     in_graph_order,
     propagate_through_passthrough,
     uncovered_tensors,
+    unknown_names,
     weights_as_device_quantizes,
 )
 from mq_core.quant.scheme import QuantScheme
@@ -149,8 +149,7 @@ class RangesFileExporter(Exporter):
 
 def rebuild_qdq(float_model: onnx.ModelProto, table: QuantTable, artifact: str, description: str) -> Runnable:
     """A runnable QDQ model from the float ONNX and a table parsed back from the artifact's ranges file."""
-    names = set(graph_order(float_model)) | {i.name for i in float_model.graph.initializer}
-    unknown = sorted(set(table) - names)
+    unknown = unknown_names(float_model, table)
     if unknown:
         raise VerificationError(
             f"the {artifact} file names {len(unknown)} tensor(s) the float ONNX does not have: {unknown[:8]}; "
