@@ -32,6 +32,7 @@ from mq_core.pipeline.prepare import PrepareInfo, prepare, prepare_info
 from mq_core.pipeline.ptq import PTQMethod, ptq
 from mq_core.pipeline.resolve import resolve_qconfig
 from mq_core.pipeline.verify import VerificationReport, verify
+from mq_core.pipeline.verify_layers import LayerReport, TensorCheck, verify_layers
 from mq_core.plugins.lookup import (
     get_backend,
     get_entry,
@@ -68,6 +69,7 @@ __all__ = [
     "FakeQuantizer",
     "FixedFakeQuantizer",
     "FrozenBatchNorm2d",
+    "LayerReport",
     "MQError",
     "Observer",
     "PTQMethod",
@@ -80,6 +82,7 @@ __all__ = [
     "QuantizerSpec",
     "Runtime",
     "SchemeError",
+    "TensorCheck",
     "TraceError",
     "UnknownNameError",
     "VerificationError",
@@ -120,4 +123,5 @@ __all__ = [
     "summary",
     "unfreeze_bn",
     "verify",
+    "verify_layers",
 ]

@@ -17,6 +17,7 @@ from mq_core.errors import ConfigError
 from mq_core.export import ExportResult
 from mq_core.pipeline.export import export
 from mq_core.pipeline.verify import inputs_like, verify
+from mq_core.pipeline.verify_layers import verify_layers
 from mq_core.plugins.manager import get_manager
 from mq_core.summary import checkpoint_summary, summary
 from mq_core.text import render_table
@@ -100,13 +101,18 @@ def export_command(checkpoint: str, model_ref: str | None, trust: bool, exporter
               help="Inputs (.pt/.npy tensor). Default: 4 seeded random samples of the recorded input shape.")
 @click.option("--runtime", "runtimes", multiple=True, help="Runtime to use (repeatable; default: the backend's).")
 @click.option("--tolerance", type=float, help="Allowed difference in steps (default: each runtime's, else 1).")
+@click.option("--layers", is_flag=True,
+              help="Also compare every quantized tensor, through the network and one op at a time (two more runs per "
+                   "artifact and runtime); reported beside the verdict, which it does not change.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable report.")
 def verify_command(export_dir: str, checkpoint: str, model_ref: str | None, trust: bool, inputs_file: str | None,
-                   runtimes: tuple[str, ...], tolerance: float | None, as_json: bool) -> None:
+                   runtimes: tuple[str, ...], tolerance: float | None, layers: bool, as_json: bool) -> None:
     """Run an export folder's artifacts in real runtimes and compare with the simulation, per output.
 
     Exits with status 1 when any output differs by more than the tolerance, the manifest disagrees with the
-    checkpoint, or a runtime crashes or fails on an artifact.
+    checkpoint, or a runtime crashes or fails on an artifact. With --layers, the layer-wise report (every quantized
+    tensor's codes, and each op's local check fed with the simulation's codes) follows, naming the first op that
+    breaks locally; the exit status stays the outputs' verdict.
     """
     qmodel, record = restore_checkpoint(checkpoint, model_ref, trust)
     if inputs_file:
@@ -114,14 +120,21 @@ def verify_command(export_dir: str, checkpoint: str, model_ref: str | None, trus
     else:
         specs = [{**s, "shape": [4, *s["shape"][1:]]} for s in record["inputs"]]
         inputs = inputs_from_specs(specs, seed=1)
-    report = verify(ExportResult.load(export_dir), inputs, runtimes=list(runtimes) or None, tolerance=tolerance,
-                    qmodel=qmodel)
+    result = ExportResult.load(export_dir)
+    report = verify(result, inputs, runtimes=list(runtimes) or None, tolerance=tolerance, qmodel=qmodel)
+    layer_report = verify_layers(result, inputs, runtimes=list(runtimes) or None, qmodel=qmodel) if layers else None
     if as_json:
-        click.echo(json.dumps(report.to_dict(), indent=2, sort_keys=True))
+        data = report.to_dict()
+        if layer_report is not None:
+            data["layers"] = layer_report.to_dict()
+        click.echo(json.dumps(data, indent=2, sort_keys=True))
     else:
         click.echo(report.table())
         failed = f"; {len(report.failures)} failed check(s) above" if report.failures else ""
         click.echo(f"{'PASS' if report.passed else 'FAIL'}: worst {report.worst_steps:.3g} steps{failed}")
+        if layer_report is not None:
+            click.echo("\nLayer-wise (codes of every quantized tensor; local: its op fed the simulation's codes):")
+            click.echo(layer_report.table())
     if not report.passed:
         raise SystemExit(1)
 

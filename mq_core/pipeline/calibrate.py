@@ -5,6 +5,9 @@ The observer/quantization switches it uses live in ``mq_core.quant.switches`` (t
 Calibration data follows one rule wherever mq reads it (``mq.calibrate``, ``mq.ptq``, the CLI's ``--calib``):
 ``iter_batches`` turns the data into a stream of batches, and ``model_inputs`` says which part of a batch is the
 model's input and checks it against the example inputs the model was prepared with.
+
+Under ``torch.distributed`` each rank calibrates on its own shard and the observers' statistics are then merged
+across the ranks (``sync_observers``, each observer's ``sync``), so every rank freezes the same qparams.
 """
 
 from __future__ import annotations
@@ -17,13 +20,15 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from mq_core.errors import CalibrationError, ConfigError, MQError, describe_exception
 from mq_core.pipeline.prepare import PrepareInfo, prepare_info
-from mq_core.quant.switches import enable_calibration, enable_quantization, reset_calibration
+from mq_core.quant.switches import enable_calibration, enable_quantization, quantizers, reset_calibration
 
 log = logging.getLogger(__name__)
 
@@ -247,6 +252,8 @@ def calibrate(
     *,
     batch_size: int = DEFAULT_BATCH_SIZE,
     accumulate: bool = False,
+    sync: bool = True,
+    process_group: dist.ProcessGroup | None = None,
 ) -> nn.Module:
     """Run ``data`` through the prepared ``model`` with observers on, then freeze qparams and enable quantization.
 
@@ -258,17 +265,103 @@ def calibrate(
         batch_size: samples per batch when ``data`` is a tensor or a Dataset.
         accumulate: keep the statistics the observers already hold and add this data to them. By default every
             quantizer is reset first, so the result depends on this data only, however often the model was
-            calibrated before.
+            calibrated before. Under sync, the statistics already held are counted once: rank 0's are kept (after
+            a synced calibration or a restored checkpoint every rank holds the same ones) and the other ranks start
+            from scratch, then every rank's new data is merged in.
+        sync: when a ``torch.distributed`` process group is initialised (and has more than one rank), merge the
+            observers' statistics across the ranks before freezing qparams (``sync_observers``), so that every
+            rank ends with the same qparams, those of one process calibrating on the union of the ranks' data (see
+            docs/algorithms.md for what each observer merges). Every rank of the group must call ``calibrate``.
+            ``False`` keeps each rank's qparams its own.
+        process_group: the group to synchronise over (default: the world).
 
     Errors raise ``MQError`` subclasses. When the arguments or the first batch are bad (wrong shape, empty data),
     the model is left as it was; when calibration fails later (a later batch, the model raising, Ctrl-C), every
     quantizer is reset and switched off, so no statistics of a partial pass survive into the next calibration.
+    Under sync, a rank that fails tells the others, which then fail too (``CalibrationError``) instead of waiting
+    for it.
     """
+    if isinstance(model, DistributedDataParallel):
+        raise ConfigError(
+            "calibrate() got a model wrapped in DistributedDataParallel. Calibrate the prepared model on every rank "
+            "first (calibration sizes the qparams and learnable quantizer parameters, which DDP registers when it is "
+            "built), then wrap it: DistributedDataParallel(mq.calibrate(qmodel, data))."
+        )
     if not isinstance(model, nn.Module):
         raise ConfigError(f"calibrate() needs the prepared model (an nn.Module), got {type(model).__name__}.")
     prepare_info(model)
-    if not isinstance(accumulate, bool):
-        raise ConfigError(f"accumulate must be True or False, got {accumulate!r}.")
+    for name, flag in (("accumulate", accumulate), ("sync", sync)):
+        if not isinstance(flag, bool):
+            raise ConfigError(f"{name} must be True or False, got {flag!r}.")
+    group = _sync_group(sync, process_group)
+    agreement = _Agreement(group)
+    try:
+        return _calibrate(model, data, num_batches, progress, batch_size, accumulate, group, agreement)
+    except BaseException:
+        agreement.fail()
+        raise
+
+
+def _sync_group(sync: bool, process_group: dist.ProcessGroup | None) -> dist.ProcessGroup | None:
+    """The group to merge observer statistics over: None when not syncing (off, no process group, one rank)."""
+    if not sync or not dist.is_available() or not dist.is_initialized():
+        if process_group is not None and sync:
+            raise ConfigError("calibrate() got a process_group, but torch.distributed is not initialised; call "
+                              "torch.distributed.init_process_group first (or pass no process_group).")
+        return None
+    group = process_group if process_group is not None else dist.group.WORLD
+    return group if dist.get_world_size(group) > 1 else None
+
+
+class _Agreement:
+    """The one all-reduce by which the ranks of a synced calibration learn whether every rank got through its own
+    pass: each rank takes part exactly once, when its pass is done (``confirm``) or when it failed (``fail``), so a
+    rank that fails (empty shard, bad batch, the model raising) makes the others fail instead of leaving them
+    waiting in the merge."""
+
+    def __init__(self, group: dist.ProcessGroup | None) -> None:
+        self.group = group
+        self.done = group is None
+
+    def confirm(self) -> None:
+        """This rank's pass succeeded; raise ``CalibrationError`` if another rank's did not."""
+        if self.done:
+            return
+        self.done = True
+        if not self._all(True):
+            raise CalibrationError("calibration failed on another rank (see its log), so the observers' statistics "
+                                   "cannot be merged; this rank's calibration is undone too.")
+
+    def fail(self) -> None:
+        """This rank failed: tell the others (its own error stays the one raised, whatever happens here)."""
+        if self.done:
+            return
+        self.done = True
+        try:
+            self._all(False)
+        except Exception:
+            log.exception("could not tell the other ranks that calibration failed here")
+
+    def _all(self, ok: bool) -> bool:
+        flag = torch.tensor([int(ok)], dtype=torch.int32)
+        dist.all_reduce(flag, dist.ReduceOp.MIN, group=self.group)
+        return bool(flag.item())
+
+
+def sync_observers(model: nn.Module, group: dist.ProcessGroup | None = None) -> None:
+    """Merge the statistics of every observing quantizer's observer across the ranks of ``group``
+    (``Observer.sync``), so that the qparams frozen next are the same on every rank.
+
+    A collective: every rank calls it on the same prepared model (the same quantizers, observing the same way).
+    """
+    for fq in quantizers(model).values():
+        if fq.observe_enabled.item() and fq.observer is not None:
+            fq.observer.sync(group)
+
+
+def _calibrate(model: nn.Module, data: Any, num_batches: int | None, progress: bool, batch_size: int,
+               accumulate: bool, group: dist.ProcessGroup | None, agreement: _Agreement) -> nn.Module:
+    """``calibrate`` after its argument checks; ``group`` is where to sync (None: not at all)."""
     stream, total = _stream(data, num_batches, batch_size)
     first = next(stream, None)
     if first is None:
@@ -280,7 +373,7 @@ def calibrate(
 
     was_training = model.training
     try:
-        if not accumulate:
+        if not accumulate or (group is not None and dist.get_rank(group) != 0):
             reset_calibration(model)
         enable_calibration(model)
         model.eval()
@@ -300,6 +393,10 @@ def calibrate(
                     ) from exc
         model.train(was_training)
         log.info("calibrated on %d batches", seen)
+        if group is not None:
+            agreement.confirm()
+            sync_observers(model, group)
+            log.info("merged observer statistics across %d ranks", dist.get_world_size(group))
         enable_quantization(model)
     except BaseException:
         model.train(was_training)

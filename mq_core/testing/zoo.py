@@ -167,6 +167,26 @@ class ResNet18(nn.Module):
         return self.fc(torch.flatten(self.avgpool(self.layers(self.pool(self.stem(x)))), 1))
 
 
+def resnet18(num_classes: int = 10, seed: int = 0, size: int = 64) -> nn.Module:
+    """``ResNet18`` as torchvision initialises it (convs kaiming-normal, fan_out; BN weight 1, bias 0), with BN
+    statistics set on random ``size`` x ``size`` images, in eval mode: a deep network whose activations drift
+    between torch and a runtime the way a real one's do (the layer-wise verification's test model). Not in
+    ``ZOO``: too slow for the backend matrix."""
+    torch.manual_seed(seed)
+    model = ResNet18(num_classes)
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(m, nn.BatchNorm2d):
+            m.momentum = None  # running statistics: the plain average over the batches below
+    gen = torch.Generator().manual_seed(seed)
+    model.train()
+    with torch.no_grad():
+        for _ in range(2):
+            model(torch.randn(8, 3, size, size, generator=gen))
+    return model.eval()
+
+
 @dataclass(frozen=True)
 class ZooModel:
     """A zoo entry: name, a factory for the float model (eval mode, randomised BN stats) and an input shape."""

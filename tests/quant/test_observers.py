@@ -354,7 +354,7 @@ def test_rebin_matches_a_direct_histogram_for_aligned_edges() -> None:
 
 
 def _reference_kl(hist: np.ndarray, levels: int) -> np.ndarray:
-    """Plain per-threshold loop (MXNet/ONNX Runtime structure, last group running to the end)."""
+    """Plain per-threshold loop: group j holds bins ceil(j i / levels) .. ceil((j + 1) i / levels) - 1."""
 
     def smooth(d: np.ndarray) -> np.ndarray:
         zero, nonzero = d == 0, d != 0
@@ -365,10 +365,9 @@ def _reference_kl(hist: np.ndarray, levels: int) -> np.ndarray:
     for i in range(levels, hist.size + 1):
         p = hist[:i].copy()
         p[-1] += hist[i:].sum()
-        merged = i // levels
         q = np.zeros(i)
         for j in range(levels):
-            start, stop = j * merged, (j + 1) * merged if j < levels - 1 else i
+            start, stop = -(-j * i // levels), -(-(j + 1) * i // levels)
             nonzero = p[start:stop] != 0
             if nonzero.any():
                 q[start:stop] = np.where(nonzero, hist[start:stop].sum() / nonzero.sum(), 0)
@@ -384,6 +383,42 @@ def test_kl_divergences_match_a_per_threshold_loop() -> None:
     hist[250] += 3  # outliers
     got = kl_divergences(torch.from_numpy(hist), 64).numpy()
     np.testing.assert_allclose(got, _reference_kl(hist, 64), rtol=1e-9, atol=1e-12)
+
+
+
+def test_kl_groups_follow_the_real_grid_not_a_remainder_bin() -> None:
+    # 10 bins onto 4 levels: groups of 3, 2, 3, 2 bins (ceil(k * 10 / 4)), not 2, 2, 2, 4
+    hist = np.array([1.0, 2, 3, 4, 5, 6, 7, 8, 9, 10])
+    got = kl_divergences(torch.from_numpy(hist), 4).numpy()
+    np.testing.assert_allclose(got, _reference_kl(hist, 4), rtol=1e-9, atol=1e-12)
+    assert got[-1] > 0  # no threshold quantizes for free
+
+
+def _post_relu_batches() -> list[torch.Tensor]:
+    """ReLU outputs (half exact zeros) whose range grows from batch to batch, as in a real network's activations."""
+    g = torch.Generator().manual_seed(20)
+    return [torch.relu(torch.randn(4, 16, 32, 32, generator=g)) * (1 + b) for b in range(4)]
+
+
+def _sqnr(x: torch.Tensor, obs: Observer) -> float:
+    scale, zero_point = obs.calculate_qparams()
+    q = fake_quantize(x, scale, zero_point, obs.scheme.qmin, obs.scheme.qmax, None, True)
+    return float(10 * torch.log10(x.pow(2).sum() / (x - q).pow(2).sum()))
+
+
+def test_kl_on_post_relu_data_keeps_the_range_instead_of_clipping_to_the_first_threshold() -> None:
+    # The zeros' spike in bin 0 used to win every divergence at the smallest threshold (one bin per level): the
+    # range became 1/8 of the data's (10 dB here) and MobileNet-like networks lost all top-1 agreement.
+    batches = _post_relu_batches()
+    kl, minmax = KLObserver(UINT8_AFFINE), MinMaxObserver(UINT8_AFFINE)
+    for batch in batches:
+        kl(batch)
+        minmax(batch)
+    x = torch.cat([b.flatten() for b in batches])
+    lo, hi = kl.compute_range()
+    assert float(lo) == 0 and float(hi) > 0.5 * float(x.max())
+    # level with min/max on a tail-free tensor (above it or below by a fraction of a dB, by seed), not 30 dB under
+    assert _sqnr(x, kl) > _sqnr(x, minmax) - 1.0 > 40
 
 
 # --- ClipStd ----------------------------------------------------------------------------------------------------

@@ -7,6 +7,8 @@ data (few calibration samples of a wide distribution).
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 
 from mq_core.quant.observers.base import channels_first
@@ -18,11 +20,16 @@ class ClipStdObserver(MinMaxObserver):
     """Mean and (population) standard deviation of every element seen, per channel when per-channel.
 
     Count, sum and sum of squares are kept in float64 buffers, so any split of the data into batches gives the
-    statistics of the concatenated data (up to float64 rounding).
+    statistics of the concatenated data (up to float64 rounding). Across ranks (``sync``) the three are summed and
+    min/max all-reduced, which gives the single-process statistics of every rank's data in the same way.
 
     Args:
         k: number of standard deviations on each side of the mean.
     """
+
+    merge_rules: ClassVar[dict[str, str]] = {
+        **MinMaxObserver.merge_rules, "count": "sum", "sum": "sum", "sum_sq": "sum",
+    }
 
     def __init__(self, scheme: QuantScheme, k: float = 2.6) -> None:
         super().__init__(scheme)

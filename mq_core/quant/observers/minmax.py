@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
-import torch
+from typing import ClassVar
 
-from mq_core.quant.observers.base import Observer, channels_first
+import torch
+import torch.distributed as dist
+
+from mq_core.quant.observers.base import Observer, channels_first, gather_ranks
 from mq_core.quant.scheme import QuantScheme
 
 
 class MinMaxObserver(Observer):
-    """Running minimum and maximum over every batch seen (per channel along ``scheme.ch_axis`` if per-channel)."""
+    """Running minimum and maximum over every batch seen (per channel along ``scheme.ch_axis`` if per-channel).
+
+    Across ranks (``sync``): all-reduce MIN of ``min_val`` and MAX of ``max_val``, exactly the single-process result.
+    """
+
+    merge_rules: ClassVar[dict[str, str]] = {"min_val": "min", "max_val": "max"}
 
     def __init__(self, scheme: QuantScheme) -> None:
         super().__init__(scheme)
@@ -37,13 +45,43 @@ class MinMaxObserver(Observer):
 
 
 class EMAMinMaxObserver(MinMaxObserver):
-    """Exponential moving average of per-batch min/max: ``m <- (1 - c) m + c * current`` (first batch sets m)."""
+    """Exponential moving average of per-batch min/max: ``m <- (1 - c) m + c * current`` (first batch sets m).
+
+    Across ranks (``sync``) the result is the EMA over the ranks' batches taken one rank after the other (rank 0's
+    batches, then rank 1's, ...): an EMA depends on the order of the batches, and that order is the one a single
+    process gets from the ranks' shards concatenated. Rank ``r``'s EMA ``m_r`` over ``n_r`` batches whose first
+    batch gave ``f_r`` continues an EMA ``m`` as ``(1 - c)**n_r * (m - f_r) + m_r``, so each rank only needs its
+    first batch's values (``first_min``/``first_max``, not saved in the state dict: a rank whose statistics were
+    loaded from a checkpoint uses its EMA in their place).
+    """
 
     def __init__(self, scheme: QuantScheme, averaging_constant: float = 0.1) -> None:
         super().__init__(scheme)
         self.averaging_constant = averaging_constant
+        self.register_buffer("first_min", torch.empty(0), persistent=False)
+        self.register_buffer("first_max", torch.empty(0), persistent=False)
+
+    def observe(self, x: torch.Tensor) -> None:
+        first = not self.observed
+        super().observe(x)
+        if first:
+            self.first_min, self.first_max = self.min_val.clone(), self.max_val.clone()
 
     def merge(self, lo: torch.Tensor, hi: torch.Tensor) -> None:
         c = self.averaging_constant
         self.min_val = self.min_val * (1 - c) + lo * c
         self.max_val = self.max_val * (1 - c) + hi * c
+
+    def merge_ranks(self, counts: list[int], source: int, group: dist.ProcessGroup | None) -> None:
+        keep = (1 - self.averaging_constant) ** torch.tensor(counts, dtype=torch.float64)
+        merged = []
+        for ema, first in ((self.min_val, self.first_min), (self.max_val, self.first_max)):
+            if first.shape != ema.shape:  # loaded from a checkpoint (or no data): the EMA stands in for it
+                first = ema
+            emas, firsts = gather_ranks(ema, group), gather_ranks(first, group)
+            total = emas[source]
+            for rank in range(source + 1, len(counts)):
+                if counts[rank]:
+                    total = (keep[rank] * (total.double() - firsts[rank]) + emas[rank]).to(ema.dtype)
+            merged.append((total, firsts[source]))
+        (self.min_val, self.first_min), (self.max_val, self.first_max) = merged

@@ -7,6 +7,7 @@ min/max range trades clipping error against rounding error directly on the quant
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 
 from mq_core.errors import ConfigError
 from mq_core.quant.functional import fake_quantize
@@ -27,7 +28,8 @@ class MSEObserver(MinMaxObserver):
     min/max and ties keep the wider range, so a batch's result is never worse than min/max on that batch.
 
     Across batches the chosen ``lo``/``hi`` are averaged with equal weight (running mean), so the result does
-    not depend on which batch came first.
+    not depend on which batch came first. Across ranks (``sync``) the ranks' means are averaged weighted by their
+    batch counts: the mean over every rank's batches, as one process computes it (up to float rounding).
 
     Args:
         p: exponent of the error norm (2.0 = MSE; 2.4 is common for weights).
@@ -64,3 +66,11 @@ class MSEObserver(MinMaxObserver):
         n = float(self.num_batches.item()) + 1
         self.min_val = self.min_val + (lo - self.min_val) / n
         self.max_val = self.max_val + (hi - self.max_val) / n
+
+    def merge_ranks(self, counts: list[int], source: int, group: dist.ProcessGroup | None) -> None:
+        n = counts[dist.get_rank(group)]
+        total = sum(counts)
+        for name in ("min_val", "max_val"):
+            weighted = self._buffers[name].double() * n if n else torch.zeros_like(self._buffers[name], torch.float64)
+            dist.all_reduce(weighted, group=group)
+            self._buffers[name] = (weighted / total).to(torch.float32)

@@ -54,6 +54,9 @@ class PercentileObserver(EMAMinMaxObserver):
         bins: histogram bins per batch (and per channel); the quantile is accurate to a fraction of
             ``range / bins``.
         averaging_constant: EMA weight of the newest batch, ``m <- (1 - c) m + c * current``.
+
+    Each batch's histogram is used for that batch's quantiles and dropped; what is kept, and merged across ranks
+    (``sync``), is the EMA of the per-batch ranges, exactly as ``EMAMinMaxObserver`` merges it.
     """
 
     def __init__(

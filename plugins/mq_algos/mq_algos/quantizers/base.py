@@ -17,7 +17,9 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from mq_core import FakeQuantizer, SchemeError
 from mq_core.plugin_api import SCALE_EPS, Observer, QuantScheme, fake_quantize
@@ -62,11 +64,13 @@ def reduce_to(grad: torch.Tensor, param: torch.Tensor, axis: int | None) -> torc
     return grad.sum(dim=dims).reshape(param.shape) if dims else grad.reshape(param.shape)
 
 
-def elements_per_scale(x: torch.Tensor, axis: int | None) -> int:
-    """N of LSQ's gradient scale: the elements one scale value quantizes (per channel when per-channel)."""
+def elements_per_scale(x: torch.Tensor, axis: int | None, ranks: int = 1) -> int:
+    """N of LSQ's gradient scale: the elements one scale value quantizes (per channel when per-channel), in the
+    global batch: ``ranks`` data-parallel ranks each hold a share ``x`` of it (``LearnableFakeQuantizer.batch_ranks``).
+    """
     if axis is None:
-        return max(x.numel(), 1)
-    return max(x.numel() // x.shape[axis], 1)
+        return max(x.numel() * ranks, 1)
+    return max(x.numel() // x.shape[axis] * ranks, 1)
 
 
 class LearnableFakeQuantizer(FakeQuantizer):
@@ -95,6 +99,17 @@ class LearnableFakeQuantizer(FakeQuantizer):
 
     def export_qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
+
+    def batch_ranks(self) -> int:
+        """How many data-parallel ranks share the batch this quantizer sees: for an activation quantizer running
+        inside a DistributedDataParallel forward, the size of its process group (DDP splits the global batch across
+        the ranks), else 1; a weight is whole on every rank. Gradient scales that count the batch (LSQ's N) use
+        it, so N ranks on shares of a batch take the step one process takes on the whole batch. The running DDP
+        module is what torch itself tells TorchDynamo (``_get_active_ddp_module``); a torch without it gives 1."""
+        if self.role == "weight" or not dist.is_available() or not dist.is_initialized():
+            return 1
+        active = getattr(DistributedDataParallel, "_get_active_ddp_module", lambda: None)()
+        return 1 if active is None else dist.get_world_size(active.process_group)
 
     # --- forward --------------------------------------------------------------------------------------------
     def quantize_forward(self, x: torch.Tensor) -> torch.Tensor:

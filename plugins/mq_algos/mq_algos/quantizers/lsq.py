@@ -15,7 +15,8 @@ and the paper's gradients (eq. 3, the straight-through estimator for ``round``) 
 with the step-size gradient multiplied by ``g = 1 / sqrt(N * qmax)`` (Section 2.2), so that the step size learns
 at a rate comparable to the weights. ``N`` is the number of elements one step size quantizes in the tensor at
 hand: the whole tensor (for activations this includes the batch, MQBench's convention; the paper's ``N_F`` counts
-one sample's features), or one channel when per-channel.
+one sample's features), or one channel when per-channel. Under DistributedDataParallel the batch is the global
+one (``LearnableFakeQuantizer.batch_ranks``), so two ranks on half batches train exactly as one process on both.
 
 Zero point: the paper's grids have ``z = 0`` (signed grids for signed data, unsigned ones for ReLU outputs).
 mq's backends also hand out affine activation grids; there the zero point comes from the observer and stays
@@ -27,7 +28,7 @@ uint grid, keeps room for its negative part instead of being clipped at 0, but n
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -84,7 +85,7 @@ class LSQFakeQuantizer(LearnableFakeQuantizer):
         self.calibrated.fill_(1)
 
     def gradient_scale(self, x: torch.Tensor) -> float:
-        return 1.0 / math.sqrt(elements_per_scale(x, self.ch_axis) * self.scheme.qmax)
+        return 1.0 / math.sqrt(elements_per_scale(x, self.ch_axis, self.batch_ranks()) * self.scheme.qmax)
 
     def surrogate(self, x: torch.Tensor) -> torch.Tensor:
         return LSQFunction.apply(x, positive(self.scale), self.zero_point, self.scheme.qmin, self.scheme.qmax,
@@ -108,7 +109,12 @@ class LSQObserver(MinMaxObserver):
     and two overflowing sides split the grid in half, as the signed grid LSQ's step is derived for. (Clamping
     ``qmin - round(min / s)`` into the grid instead gave data with a long negative tail the range ``[lo, 0]``,
     clipping every positive value to 0.)
+
+    Across ranks (``sync``) ``abs_sum`` and ``count`` are summed and min/max all-reduced: the single-process
+    statistics of every rank's data.
     """
+
+    merge_rules: ClassVar[dict[str, str]] = {**MinMaxObserver.merge_rules, "abs_sum": "sum", "count": "sum"}
 
     def __init__(self, scheme: QuantScheme) -> None:
         super().__init__(scheme)

@@ -84,7 +84,7 @@ class LSQPlusFakeQuantizer(LearnableFakeQuantizer):
         self.calibrated.fill_(1)
 
     def surrogate(self, x: torch.Tensor) -> torch.Tensor:
-        g = 1.0 / math.sqrt(elements_per_scale(x, self.ch_axis) * self.scheme.qmax)
+        g = 1.0 / math.sqrt(elements_per_scale(x, self.ch_axis, self.batch_ranks()) * self.scheme.qmax)
         return LSQPlusFunction.apply(x, positive(self.scale), self.offset, self.scheme.qmin, self.scheme.qmax,
                                      self.ch_axis, g)
 
