@@ -92,18 +92,18 @@ class VerificationReport:
                  f"{c.step:.3g}", "pass" if c.passed else "FAIL"] for c in self.checks]
         text = render_table(["artifact", "runtime", "output", "max diff (steps)", "exact", "max |diff|", "step",
                              "result"], rows)
-        for failure in self.failures:
-            text += f"\nFAIL: {failure}"
-        for note in self.skipped:
-            text += f"\nskipped: {note}"
-        for note in self.notes:
-            text += f"\nnote: {note}"
-        return text
+        return text + trailer(self.failures, self.skipped, self.notes)
 
     def to_dict(self) -> dict[str, Any]:
         return {"backend": self.backend, "exporter": self.exporter, "tolerance": self.tolerance,
                 "passed": self.passed, "checks": [asdict(c) for c in self.checks], "failures": list(self.failures),
                 "skipped": list(self.skipped), "notes": list(self.notes)}
+
+
+def trailer(failures: Sequence[str], skipped: Sequence[str], notes: Sequence[str]) -> str:
+    """The lines under a report's table: failed checks that have no row, skipped runtimes, notes."""
+    return "".join([*(f"\nFAIL: {f}" for f in failures), *(f"\nskipped: {s}" for s in skipped),
+                    *(f"\nnote: {n}" for n in notes)])
 
 
 def _flatten(outputs: Any) -> list[torch.Tensor]:

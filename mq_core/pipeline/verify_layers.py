@@ -46,7 +46,7 @@ from mq_core.errors import ConfigError, MQError, VerificationError
 from mq_core.export.deploy import deploy_view
 from mq_core.export.exporter import ExportResult
 from mq_core.pipeline.prepare import as_inputs, prepare_info
-from mq_core.pipeline.verify import _flatten, feeds, select_runtimes
+from mq_core.pipeline.verify import _flatten, feeds, select_runtimes, trailer
 from mq_core.plugins.lookup import get_exporter
 from mq_core.quant.fake_quant import FakeQuantizer
 from mq_core.quant.switches import quantizers
@@ -136,13 +136,7 @@ class LayerReport:
                 reads = f", reading {', '.join(check.reads)}" if check.reads else ""
                 text += (f"\n{artifact} in {runtime}: first op that breaks locally: {check.op} -> tensor "
                          f"{check.tensor!r} ({check.local_max_steps} steps{reads})")
-        for failure in self.failures:
-            text += f"\nFAIL: {failure}"
-        for note in self.skipped:
-            text += f"\nskipped: {note}"
-        for note in self.notes:
-            text += f"\nnote: {note}"
-        return text
+        return text + trailer(self.failures, self.skipped, self.notes)
 
     def to_dict(self) -> dict[str, Any]:
         broken = self.first_broken()
