@@ -33,7 +33,7 @@ from torch import nn
 from mq_core.backend import Backend
 from mq_core.errors import ConfigError, MQError, SchemeError
 from mq_core.io import atomic_torch_save
-from mq_core.pipeline.prepare import MODES, NOT_IMPORTABLE, PrepareInfo, object_ref, prepare, prepare_info
+from mq_core.pipeline.prepare import MODES, NOT_IMPORTABLE, PrepareInfo, input_specs, object_ref, prepare, prepare_info
 from mq_core.pipeline.resolve import import_ref
 from mq_core.quant.fake_quant import FakeQuantizer
 from mq_core.quant.observers.base import Observer
@@ -61,10 +61,6 @@ _KINDS: dict[str, tuple[str, Callable[[Any], bool]]] = {
     "observer": ("an Observer class", lambda o: isinstance(o, type) and issubclass(o, Observer)),
     "fake_quantizer": ("a FakeQuantizer class", lambda o: isinstance(o, type) and issubclass(o, FakeQuantizer)),
 }
-
-
-def input_specs(example_inputs: tuple[torch.Tensor, ...]) -> list[dict[str, Any]]:
-    return [{"shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch.")} for t in example_inputs]
 
 
 def _dtype(name: Any) -> torch.dtype | None:
@@ -108,11 +104,15 @@ def save_checkpoint(
         raise ConfigError(f"model_ref must be a 'package.module:factory' string, got {type(model_ref).__name__}.")
     if extra is not None and not isinstance(extra, dict):
         raise ConfigError(f"extra must be a dict of plain data, got {type(extra).__name__}.")
+    specs = input_specs(inputs)
+    if None in specs:
+        raise ConfigError("a checkpoint records the shape and dtype of each example input, so every example input "
+                          "must be a tensor; pass the tensors the model was prepared with.")
     payload = {
         "format": FORMAT,
         "info": _recordable_info(info),
         "state_dict": qmodel.state_dict(),
-        "inputs": input_specs(inputs),
+        "inputs": specs,
         "model_ref": model_ref,
         "extra": extra or {},
     }

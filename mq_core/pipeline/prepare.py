@@ -201,7 +201,9 @@ def _submodule_inputs(model: nn.Module, names: Sequence[str], example_inputs: tu
     return captured
 
 
-def _input_specs(inputs: tuple[Any, ...]) -> list[dict[str, Any] | None]:
+def input_specs(inputs: tuple[Any, ...]) -> list[dict[str, Any] | None]:
+    """Shape and dtype of each example input (None for one that is not a tensor): what calibration data is checked
+    against, and what a checkpoint records to rebuild example inputs."""
     return [{"shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch.")} if isinstance(t, torch.Tensor)
             else None for t in inputs]
 
@@ -328,7 +330,7 @@ def prepare(
         placements=placements,
         preserved_attributes=list(preserved_attributes),
         custom_backend=not _is_installed(backend),
-        inputs=_input_specs(inputs),
+        inputs=input_specs(inputs),
     )
     if isinstance(result, fx.GraphModule):
         # GraphModule.__deepcopy__ rebuilds the module from its graph and drops plain attributes such as mq_info;

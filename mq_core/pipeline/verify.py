@@ -20,7 +20,7 @@ of mq. Inputs reach the runtimes with the dtypes the ONNX graph declares (int64 
 from __future__ import annotations
 
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -114,18 +114,23 @@ def _flatten(outputs: Any) -> list[torch.Tensor]:
     return [t for o in outputs for t in _flatten(o)]
 
 
-def simulate(qmodel: nn.Module, inputs: tuple[torch.Tensor, ...]) -> tuple[list[np.ndarray], list[float | None]]:
-    """The prepared model's outputs (eval mode, no grad) as float32 arrays, and each output's step: the scale of
-    the activation quantizer that produced it (None for an output no quantizer produced, a float output).
+def run_observed(
+    qmodel: nn.Module, inputs: Sequence[Any], on_quantized: Callable[[FakeQuantizer, torch.Tensor], None] | None = None
+) -> tuple[list[torch.Tensor], list[FakeQuantizer | None]]:
+    """Run the prepared model (eval mode, no grad) and tell which activation quantizer produced each output.
 
-    The producer is found by identity (a forward hook keeps a weak reference to each quantizer's output), so the
-    step is the prepared model's own, whatever an export's files claim.
+    Returns the flattened outputs and, per output, the enabled activation quantizer whose output it is (None for a
+    float output). The producer is found by identity (a forward hook keeps a weak reference to each quantizer's
+    output), so the qparams that judge an output are the prepared model's own, whatever an export's files claim.
+    ``on_quantized(fq, out)`` sees every enabled activation quantizer's output as it is computed.
     """
     produced: dict[int, tuple[weakref.ref[torch.Tensor], FakeQuantizer]] = {}
 
     def record(fq: nn.Module, _args: Any, out: torch.Tensor) -> None:
         if isinstance(fq, FakeQuantizer) and fq.quant_enabled.item():
             produced[id(out)] = (weakref.ref(out), fq)
+            if on_quantized is not None:
+                on_quantized(fq, out)
 
     hooks = [fq.register_forward_hook(record) for fq in quantizers(qmodel, weights=False).values()]
     was_training = qmodel.training
@@ -137,10 +142,18 @@ def simulate(qmodel: nn.Module, inputs: tuple[torch.Tensor, ...]) -> tuple[list[
         qmodel.train(was_training)
         for hook in hooks:
             hook.remove()
-    steps: list[float | None] = []
+    producers: list[FakeQuantizer | None] = []
     for t in outputs:
         ref, fq = produced.get(id(t), (None, None))
-        steps.append(float(fq.export_qparams()[0].max()) if ref is not None and ref() is t else None)
+        producers.append(fq if ref is not None and ref() is t else None)
+    return outputs, producers
+
+
+def simulate(qmodel: nn.Module, inputs: tuple[torch.Tensor, ...]) -> tuple[list[np.ndarray], list[float | None]]:
+    """The prepared model's outputs as float32 arrays, and each output's step: the scale of the activation
+    quantizer that produced it (None for an output no quantizer produced, a float output; see ``run_observed``)."""
+    outputs, producers = run_observed(qmodel, inputs)
+    steps = [None if fq is None else float(fq.export_qparams()[0].max()) for fq in producers]
     return [t.detach().float().numpy() for t in outputs], steps
 
 

@@ -32,7 +32,6 @@ verdict.
 from __future__ import annotations
 
 import logging
-import weakref
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -46,10 +45,9 @@ from mq_core.errors import ConfigError, MQError, VerificationError
 from mq_core.export.deploy import deploy_view
 from mq_core.export.exporter import ExportResult
 from mq_core.pipeline.prepare import as_inputs, prepare_info
-from mq_core.pipeline.verify import _flatten, feeds, select_runtimes, trailer
+from mq_core.pipeline.verify import feeds, run_observed, select_runtimes, trailer
 from mq_core.plugins.lookup import get_exporter
 from mq_core.quant.fake_quant import FakeQuantizer
-from mq_core.quant.switches import quantizers
 from mq_core.runtimes import isolation
 from mq_core.runtimes.base import Runtime
 from mq_core.text import render_table, shorten
@@ -172,32 +170,16 @@ class _Simulated:
 
 def _capture(qmodel: nn.Module, inputs: tuple[Any, ...]) -> tuple[dict[str, _Simulated], list[str | None]]:
     """The simulation's quantized activations by tensor name, and for each model output the tensor that is it
-    (found by identity; None for a float output)."""
+    (None for a float output; ``run_observed``)."""
     captured: dict[str, _Simulated] = {}
-    produced: dict[int, tuple[weakref.ref[torch.Tensor], str]] = {}
 
-    def record(fq: nn.Module, _args: Any, out: torch.Tensor) -> None:
-        if isinstance(fq, FakeQuantizer) and fq.quant_enabled.item():
-            scale, zero_point = fq.export_qparams()
-            captured[fq.tensor] = _Simulated(
-                out.detach().float().numpy().copy(), scale.float().numpy(), zero_point.numpy(), fq.ch_axis)
-            produced[id(out)] = (weakref.ref(out), fq.tensor)
+    def record(fq: FakeQuantizer, out: torch.Tensor) -> None:
+        scale, zero_point = fq.export_qparams()
+        captured[fq.tensor] = _Simulated(
+            out.detach().float().numpy().copy(), scale.float().numpy(), zero_point.numpy(), fq.ch_axis)
 
-    hooks = [fq.register_forward_hook(record) for fq in quantizers(qmodel, weights=False).values()]
-    was_training = qmodel.training
-    qmodel.eval()
-    try:
-        with torch.no_grad():
-            outputs = qmodel(*inputs)
-    finally:
-        qmodel.train(was_training)
-        for hook in hooks:
-            hook.remove()
-    names: list[str | None] = []
-    for t in _flatten(outputs):
-        ref, name = produced.get(id(t), (None, None))
-        names.append(name if ref is not None and ref() is t else None)
-    return captured, names
+    _, producers = run_observed(qmodel, inputs, record)
+    return captured, [None if fq is None else fq.tensor for fq in producers]
 
 
 def _locate(model: onnx.ModelProto, tensors: Sequence[str], output_tensors: list[str | None]) -> dict[str, int]:
