@@ -67,21 +67,22 @@ class TensorQuant:
     def max(self) -> np.ndarray:
         return ((self.qmax - self.zero_point.astype(np.float64)) * self.scale).astype(np.float32)
 
-    def quantize(self, x: np.ndarray) -> np.ndarray:
-        """Integer codes of ``x`` exactly as ONNX QuantizeLinear computes them (float32 division, half-even)."""
+    def _qparams_for(self, ndim: int) -> tuple[np.ndarray, np.ndarray]:
+        """Scale and zero point as float32, shaped to broadcast along ``axis`` of an ``ndim``-dimensional array."""
         s, z = self.scale.astype(np.float32), self.zero_point.astype(np.float32)
         if self.axis is not None:
-            shape = [1] * x.ndim
+            shape = [1] * ndim
             shape[self.axis] = -1
             s, z = s.reshape(shape), z.reshape(shape)
+        return s, z
+
+    def quantize(self, x: np.ndarray) -> np.ndarray:
+        """Integer codes of ``x`` exactly as ONNX QuantizeLinear computes them (float32 division, half-even)."""
+        s, z = self._qparams_for(x.ndim)
         return np.clip(np.round(x.astype(np.float32) / s) + z, self.qmin, self.qmax).astype(self.storage)
 
     def dequantize(self, q: np.ndarray) -> np.ndarray:
-        s, z = self.scale.astype(np.float32), self.zero_point.astype(np.float32)
-        if self.axis is not None:
-            shape = [1] * q.ndim
-            shape[self.axis] = -1
-            s, z = s.reshape(shape), z.reshape(shape)
+        s, z = self._qparams_for(q.ndim)
         return ((q.astype(np.float32) - z) * s).astype(np.float32)
 
     def to_dict(self) -> dict[str, Any]:
