@@ -23,7 +23,7 @@ import math
 import os
 import sys
 import types
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -69,8 +69,13 @@ def _dtype(name: Any) -> torch.dtype | None:
     return value if isinstance(value, torch.dtype) else None
 
 
-def inputs_from_specs(specs: list[dict[str, Any]], seed: int = 0) -> tuple[torch.Tensor, ...]:
-    """Example inputs of the recorded shapes and dtypes (values are random: only shapes matter for prepare)."""
+def inputs_from_specs(specs: list[dict[str, Any]], seed: int = 0) -> tuple[torch.Tensor, ...] | dict[str, torch.Tensor]:
+    """Example inputs of the recorded shapes and dtypes (values are random: only shapes matter for prepare).
+
+    Inputs recorded from a dict (``save_checkpoint`` with a tokenizer-style dict: each spec has its ``key``) come
+    back as a dict in the recorded order, so that ``prepare`` binds them to the same forward arguments and the
+    graph takes them in the same order as when the model was prepared; ``export``/``verify`` order a dict by the
+    prepared model's input names."""
     gen = torch.Generator().manual_seed(seed)
     out = []
     for spec in specs:
@@ -81,25 +86,36 @@ def inputs_from_specs(specs: list[dict[str, Any]], seed: int = 0) -> tuple[torch
             out.append(torch.randn(spec["shape"], generator=gen).to(dtype))
         else:
             out.append(torch.zeros(spec["shape"], dtype=dtype))
+    if specs and all("key" in spec for spec in specs):
+        return {spec["key"]: value for spec, value in zip(specs, out)}
     return tuple(out)
 
 
 def save_checkpoint(
     qmodel: nn.Module,
     path: str | os.PathLike[str],
-    example_inputs: tuple[torch.Tensor, ...] | torch.Tensor,
+    example_inputs: tuple[torch.Tensor, ...] | torch.Tensor | Mapping[str, torch.Tensor],
     *,
     model_ref: str | None = None,
     extra: dict[str, Any] | None = None,
 ) -> Path:
     """Write ``qmodel``'s state and preparation settings to ``path`` atomically.
 
+    ``example_inputs`` are those ``qmodel`` was prepared with (only their shapes and dtypes are stored). A dict of
+    keyword arguments (a tokenizer's output) is recorded with its keys, in its order, and restored as such a dict.
     Refuses (``ConfigError``) what no restore could rebuild: a skip/leaf item or an observer/quantizer class that
     cannot be found by name again (a lambda, a class defined inside a function), and values that are not plain data
     (``extra`` and options may hold numbers, strings, lists, dicts and tensors).
     """
     info = prepare_info(qmodel)
-    inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
+    keys: list[str] | None = None
+    if isinstance(example_inputs, Mapping):
+        keys = list(example_inputs)
+        if not all(isinstance(k, str) for k in keys):
+            raise ConfigError("example_inputs given as a dict must map forward's argument names (strings) to tensors.")
+        inputs = tuple(example_inputs.values())
+    else:
+        inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
     if model_ref is not None and not isinstance(model_ref, str):
         raise ConfigError(f"model_ref must be a 'package.module:factory' string, got {type(model_ref).__name__}.")
     if extra is not None and not isinstance(extra, dict):
@@ -108,6 +124,8 @@ def save_checkpoint(
     if None in specs:
         raise ConfigError("a checkpoint records the shape and dtype of each example input, so every example input "
                           "must be a tensor; pass the tensors the model was prepared with.")
+    for spec, key in zip(specs, keys or ()):
+        spec["key"] = key
     payload = {
         "format": FORMAT,
         "info": _recordable_info(info),
@@ -208,6 +226,8 @@ def _validate(payload: Any, source: str) -> None:
         _expect(isinstance(inputs, list) and bool(inputs), "'inputs' is not a list of input shapes")
         for i, spec in enumerate(inputs):
             _validate_input(spec, f"'inputs[{i}]'")
+        named = sum("key" in spec for spec in inputs)
+        _expect(named in (0, len(inputs)), "'inputs' names some inputs by key and not others")
         state = payload.get("state_dict")
         _expect(isinstance(state, dict), "'state_dict' is not a state dict")
         for key, value in state.items():
@@ -255,6 +275,7 @@ def _validate_input(spec: Any, where: str) -> None:
     _expect(math.prod(shape) <= MAX_INPUT_ELEMENTS,
             f"{where} has {math.prod(shape)} elements, more than the {MAX_INPUT_ELEMENTS} a checkpoint may ask for")
     _expect(_dtype(spec.get("dtype")) is not None, f"{where} has dtype {spec.get('dtype')!r}, not a torch dtype")
+    _expect(isinstance(spec.get("key", ""), str), f"{where} has a key that is not an argument name")
 
 
 def _resolve(item: str, use: str, label: str, override: str, trust: bool) -> Any:
@@ -337,6 +358,7 @@ def restore(
         "modules": info["modules"] or None,
         "exact": info["exact"],
         "preserved_attributes": info.get("preserved_attributes", []),
+        "capture": info.get("capture", "fx"),
     }
     if "qconfig" not in prepare_overrides:
         options["qconfig"] = _recorded_qconfig(info["qconfig"], trust)

@@ -2,7 +2,8 @@
 
 Every backend exporter starts from this model. Guarantees:
 
-* opset 18+, static shapes with a dynamic batch dimension (``batch``), shape-inferred;
+* opset 18+, static shapes with a dynamic batch dimension (``batch``; torch.export captures also ``sequence``,
+  the length of token-id inputs), shape-inferred;
 * weights as integer initializers + DequantizeLinear, scales and zero points as initializers (no arithmetic);
 * readable, stable names: a quantized tensor is named after the prepared graph's node that produces it (the
   same name as in ``qmodel.mq_info.placements`` and in the manifest), its Q/DQ nodes after it;
@@ -14,11 +15,8 @@ from __future__ import annotations
 import ast
 import contextlib
 import inspect
-import io
 import logging
 import re
-import warnings
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +31,7 @@ from mq_core.export.deploy import DeployLayer, DeployQuantizer, deploy_view
 from mq_core.export.onnx_graph import Graph, make_node
 from mq_core.export.ops import TRANSLATIONS
 from mq_core.export.ranges import QuantTable, TensorQuant
+from mq_core.quiet import silenced
 
 log = logging.getLogger(__name__)
 
@@ -42,24 +41,12 @@ _MQ_DIR = str(Path(__file__).parents[1])
 _SCOPES = "pkg.torch.onnx.name_scopes"
 
 
-@contextlib.contextmanager
-def quiet_exporter() -> Iterator[None]:
+def quiet_exporter() -> contextlib.AbstractContextManager[None]:
     """The dynamo exporter logs progress and optional-dependency notes on loggers/warnings, and prints pages of
     graph on stderr when it fails: keep them quiet (a failure becomes one ExportError paragraph). Public for
     scripts that export a float reference model with torch.onnx themselves (the benchmarks)."""
-    names = ("torch.onnx", "torch.export", "torch._dynamo", "onnxscript", "onnx_ir",
-             "torch.fx.experimental.symbolic_shapes")
-    loggers = [logging.getLogger(n) for n in names]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()):
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        for lg, level in zip(loggers, levels):
-            lg.setLevel(level)
+    return silenced("torch.onnx", "torch.export", "torch._dynamo", "onnxscript", "onnx_ir",
+                    "torch.fx.experimental.symbolic_shapes")
 
 
 def input_names(model: nn.Module, count: int) -> list[str]:
@@ -69,6 +56,30 @@ def input_names(model: nn.Module, count: int) -> list[str]:
     else:
         names = [p for p in inspect.signature(model.forward).parameters if p not in ("self",)]
     return names[:count] if len(names) >= count else [f"input_{i}" for i in range(count)]
+
+
+def dynamic_shapes(qmodel: nn.Module, count: int) -> tuple[dict[int, Any], ...]:
+    """The dynamic dimensions of each of the ``count`` inputs, as prepare recorded them (``mq_info.inputs[i]
+    ["dynamic"]``, ``{dim: name}``; one ``Dim`` per name, so a size shared by several inputs stays one symbol, with
+    the bounds the capture found), else the batch: what becomes the ONNX graph's named dimensions."""
+    info = getattr(qmodel, "mq_info", None)
+    specs = list(getattr(info, "inputs", None) or [])
+    bounds = dict(getattr(info, "dim_bounds", None) or {})
+    made: dict[str, Any] = {}
+
+    def dim(name: str) -> Any:
+        if name not in made:
+            low, high = bounds.get(name, (None, None))
+            made[name] = torch.export.Dim(name, min=low, max=high) if (low, high) != (None, None) else \
+                torch.export.Dim(name)
+        return made[name]
+
+    shapes = []
+    for i in range(count):
+        spec = specs[i] if i < len(specs) else None
+        named = (spec or {}).get("dynamic", {0: "batch"})
+        shapes.append({int(d): dim(name) for d, name in named.items()})
+    return tuple(shapes)
 
 
 def _tensor_table(deploy: nn.Module) -> QuantTable:
@@ -225,8 +236,7 @@ def export_qdq_onnx(
         outputs = deploy(*inputs)
     n_out = len(outputs) if isinstance(outputs, (tuple, list)) else 1
     output_names = ["output"] if n_out == 1 else [f"output_{i}" for i in range(n_out)]
-    batch = torch.export.Dim("batch")
-    dynamic: Any = tuple({0: batch} for _ in inputs)
+    dynamic = dynamic_shapes(qmodel, len(inputs))
     try:
         with quiet_exporter():
             program = torch.onnx.export(

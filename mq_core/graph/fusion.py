@@ -21,6 +21,7 @@ from torch import fx, nn
 #: Functional spellings of the activations that fuse, and the module each becomes.
 _FUNCTIONAL_ACTIVATIONS: dict[Any, type[nn.Module]] = {
     F.relu: nn.ReLU, torch.relu: nn.ReLU, F.relu6: nn.ReLU6, "relu": nn.ReLU,
+    torch.ops.aten.relu.default: nn.ReLU,  # a functional relu in a torch.export graph
 }
 
 

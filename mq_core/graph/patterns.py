@@ -16,7 +16,7 @@ from mq_core.nn.bn_fold import is_frozen_batch_norm
 from mq_core.nn.fused import fuse_modules
 
 FROZEN_BN = ModulePredicate("frozen BatchNorm (no momentum)", is_frozen_batch_norm)
-ACTIVATION_STEP = (nn.ReLU, nn.ReLU6, F.relu, torch.relu, F.relu6, "relu")
+ACTIVATION_STEP = (nn.ReLU, nn.ReLU6, F.relu, torch.relu, F.relu6, "relu", torch.ops.aten.relu.default)
 
 _LAYERS: tuple[tuple[str, type[nn.Module], type[nn.Module]], ...] = (
     ("conv1d", nn.Conv1d, nn.BatchNorm1d),

@@ -8,20 +8,33 @@ Two steps, as in torchao's pt2e design:
 2. ``materialize`` inserts exactly one fake quantizer per quantized tensor and rewires the consumers.
 
 So one tensor never gets two quantizers, policies stay data, and the graph rewriting lives here only.
+
+One rule holds for every backend: an additive attention mask (``finfo.min`` where attention is masked) and every
+tensor computed from it before the softmax (``ops.masked_tensors``) is never quantized, and an op that reads one
+gets no input quantizers: a grid over +-3.4e38 has a step of 1e36 and would zero every score. Under output
+placement the scores are quantized before the mask is added; under input placement (TensorRT) the attention
+matmuls keep their quantized inputs (Q, Kᵀ, softmax output, V) and the score + mask addition stays float.
+
+Under input placement, a backend may keep float the inputs of an element-wise op whose result a norm reads
+(``PlacementPolicy.eltwise_before_norm``; OpenVINO, whose int8 pipeline otherwise computes a different LayerNorm).
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 from torch import fx, nn
 
-from mq_core.graph.ops import is_float_tensor, op_kind, produces_nonnegative, tensor_args
+from mq_core.graph.capture import SCOPE_META
+from mq_core.graph.ops import is_float_tensor, masked_tensors, op_kind, produces_nonnegative, tensor_args
 from mq_core.graph.policy import PlacementPolicy
 from mq_core.nn.fused import FusedModule
 from mq_core.quant.qconfig import QuantizerSpec
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -59,6 +72,9 @@ class Skip:
     def __call__(self, node: fx.Node, modules: dict[str, nn.Module]) -> bool:
         if node.name in self.names:
             return True
+        # an ATen op of a torch.export graph, inside a named module (`skip=["encoder.layer.0"]`)
+        if any(s == n or s.startswith(n + ".") for s in node.meta.get(SCOPE_META, ()) for n in self.names):
+            return True
         if node.op == "call_module":
             target = str(node.target)
             if any(target == n or target.startswith(n + ".") for n in self.names):
@@ -76,8 +92,13 @@ class Annotation:
     """The placement decision for a whole graph."""
 
     tensors: dict[fx.Node, QuantizedTensor] = field(default_factory=dict)
+    #: tensors holding an additive attention mask: never quantized, nor are the other inputs of their readers
+    masked: set[fx.Node] = field(default_factory=set)
 
-    def request(self, producer: fx.Node, consumer: fx.Node | None, reason: str) -> QuantizedTensor:
+    def request(self, producer: fx.Node, consumer: fx.Node | None, reason: str) -> QuantizedTensor | None:
+        reads_mask = consumer is not None and any(a in self.masked for a in consumer.all_input_nodes)
+        if producer in self.masked or reads_mask:
+            return None
         record = self.tensors.get(producer)
         if record is None:
             record = self.tensors[producer] = QuantizedTensor(producer, None if consumer is None else [], reason=reason)
@@ -98,7 +119,10 @@ def _source(node: fx.Node, modules: dict[str, nn.Module], policy: PlacementPolic
 def annotate(gm: fx.GraphModule, policy: PlacementPolicy, skip: Skip) -> Annotation:
     """Decide which tensors get quantizers under ``policy`` (nothing is changed in the graph)."""
     modules = dict(gm.named_modules())
-    ann = Annotation()
+    ann = Annotation(masked=masked_tensors(gm, modules))
+    if ann.masked:
+        log.info("%d tensor(s) hold an additive attention mask or scores with it added (%s): left in float",
+                 len(ann.masked), ", ".join(sorted(n.name for n in ann.masked))[:200])
     nodes = [n for n in gm.graph.nodes if n.op not in ("output", "get_attr")]
     used_by = {n: [u for u in n.users if u.op != "output" and not skip(u, modules)] for n in nodes}
 
@@ -113,8 +137,11 @@ def annotate(gm: fx.GraphModule, policy: PlacementPolicy, skip: Skip) -> Annotat
         kind = op_kind(node, modules)
         if kind in policy.passthrough and not tensor_args(node):
             kind = "other"  # e.g. getitem on a tuple output: there is no input grid to pass through
-        if kind in policy.quantize_inputs_of:
+        if kind in policy.quantize_inputs_of and not (
+                kind in _ELTWISE and not policy.eltwise_before_norm and _feeds_norm(node, modules, policy)):
             for arg in tensor_args(node):
+                if kind in _ELTWISE and arg.op == "get_attr":
+                    continue  # a parameter added to an activation (ViT's position embeddings) is no residual input
                 ann.request(arg, node, f"input of {kind}")
         if kind in policy.quantize_outputs_of:
             _annotate_output(node, kind, modules, policy, ann, skip)
@@ -137,6 +164,19 @@ def annotate(gm: fx.GraphModule, policy: PlacementPolicy, skip: Skip) -> Annotat
         for record in ann.tensors.values():
             record.unsigned = produces_nonnegative(record.producer, modules)
     return ann
+
+
+#: Element-wise ops whose inputs input placement may quantize (see ``PlacementPolicy.eltwise_before_norm``).
+_ELTWISE = frozenset({"add", "sub", "mul", "div"})
+
+
+def _feeds_norm(node: fx.Node, modules: dict[str, nn.Module], policy: PlacementPolicy) -> bool:
+    """Whether a norm reads ``node``'s result (looking through pass-through ops such as dropout)."""
+    for user in node.users:
+        kind = op_kind(user, modules) if user.op != "output" else "output"
+        if kind == "norm" or (kind in policy.passthrough and _feeds_norm(user, modules, policy)):
+            return True
+    return False
 
 
 def _has_reader(node: fx.Node, modules: dict[str, nn.Module], policy: PlacementPolicy, skip: Skip) -> bool:

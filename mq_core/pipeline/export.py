@@ -75,7 +75,7 @@ def export(
     parsed = chosen.parse_options(options)
     info.target.check(info.qconfig)
     out = _check_out(Path(out_dir))
-    qdq_model, table = export_qdq_onnx(qmodel, as_inputs(example_inputs))
+    qdq_model, table = export_qdq_onnx(qmodel, as_inputs(example_inputs, qmodel))
     return _run_exporter(qmodel, info, chosen, parsed, qdq_model, table, out)
 
 
@@ -94,7 +94,7 @@ def export_many(
     chosen = [_exporter_for(info.target, name) for name in (exporters or info.target.exporters)]
     info.target.check(info.qconfig)
     folders = {e.name: _check_out(Path(out_dir) / e.name) for e in chosen}
-    qdq_model, table = export_qdq_onnx(qmodel, as_inputs(example_inputs))
+    qdq_model, table = export_qdq_onnx(qmodel, as_inputs(example_inputs, qmodel))
     return {e.name: _run_exporter(qmodel, info, e, e.parse_options({}), qdq_model, table, folders[e.name])
             for e in chosen}
 

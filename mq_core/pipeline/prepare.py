@@ -1,7 +1,8 @@
 """prepare(): float model in, quantization-simulating model out, for one backend.
 
-capture (fx) -> fuse (the registered patterns; BN folded now in PTQ mode, kept for simulated folding in QAT mode)
--> swap layers for QAT modules with weight fake quantizers -> place activation quantizers (backend policy).
+capture (torch.fx, or torch.export for models fx cannot trace) -> fuse (the registered patterns; BN folded now
+in PTQ mode, kept for simulated folding in QAT mode) -> swap layers for QAT modules with weight fake quantizers
+-> place activation quantizers (backend policy).
 The result is an ``nn.Module`` (a GraphModule, or the original model with quantized sub-modules) carrying an
 ``mq_info`` record of how it was prepared, so checkpoints can rebuild it.
 """
@@ -16,7 +17,7 @@ import io
 import logging
 import sys
 import types
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,8 +27,9 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 from mq_core.backend import Backend
 from mq_core.errors import ConfigError, MQError, TraceError, describe_exception
-from mq_core.graph.capture import trace
+from mq_core.graph.capture import DIM_BOUNDS_META, DYNAMIC_META, export_trace, linears_from_conv1d, trace
 from mq_core.graph.fusion import fuse
+from mq_core.graph.ops import MASK_MAGNITUDE, MASK_VALUE_META
 from mq_core.graph.placement import Annotation, Skip, annotate, materialize
 from mq_core.graph.qat_swap import swap_qat_modules
 from mq_core.pipeline.resolve import build_quantizer, import_ref, resolve_backend, resolve_qconfig
@@ -38,6 +40,8 @@ from mq_core.quant.qconfig import QConfig, QConfigPreset
 log = logging.getLogger(__name__)
 
 MODES = ("ptq", "qat")
+#: Capture front-ends: torch.fx symbolic tracing, torch.export, or fx with a fallback to torch.export.
+CAPTURES = ("auto", "fx", "export")
 #: GraphModule.meta key whose attributes survive copy.deepcopy (torch.fx.graph_module._USER_PRESERVED_ATTRIBUTES_KEY).
 _PRESERVED_KEY = getattr(fx.graph_module, "_USER_PRESERVED_ATTRIBUTES_KEY", "_user_preserved_attributes")
 
@@ -65,6 +69,10 @@ class PrepareInfo:
     #: shape and dtype of each example input (None for one that is not a tensor): calibration data is checked
     #: against them (``mq_core.pipeline.calibrate.model_inputs``). Checkpoints store them beside ``info`` as "inputs".
     inputs: list[dict[str, Any] | None] = field(default_factory=list)
+    #: the front-end that captured the graph ("fx" or "export"; ``prepare(capture="auto")`` records the one used)
+    capture: str = "fx"
+    #: bounds of each named dynamic dimension of the inputs ({"sequence": (2, 512)}; max None when unbounded)
+    dim_bounds: dict[str, tuple[int, int | None]] = field(default_factory=dict)
 
     @property
     def backend(self) -> str:
@@ -82,18 +90,64 @@ class PrepareInfo:
             "exact": self.exact,
             "preserved_attributes": list(self.preserved_attributes),
             "custom_backend": self.custom_backend,
+            "capture": self.capture,
         }
 
+    def input_names(self) -> list[str | None]:
+        """The name of each input of the prepared graph, in order (None where not recorded)."""
+        return [None if spec is None else spec.get("name") for spec in self.inputs]
 
-def as_inputs(example_inputs: Any) -> tuple[Any, ...]:
-    """Example inputs as a tuple (a single tensor is wrapped)."""
+
+def as_inputs(example_inputs: Any, model: nn.Module | None = None) -> tuple[Any, ...]:
+    """Inputs as a tuple in the order of the prepared graph's inputs (a single tensor is wrapped).
+
+    A dict (``{"input_ids": ..., "attention_mask": ...}``, what a tokenizer returns) is put in the order of the
+    inputs ``model`` was prepared with, by name; entries the model does not take (``token_type_ids`` for a model
+    prepared without them) are ignored. A dict needs the prepared ``model``: its own order says nothing.
+    """
     if isinstance(example_inputs, torch.Tensor):
         return (example_inputs,)
     if isinstance(example_inputs, (tuple, list)):
         return tuple(example_inputs)
+    if isinstance(example_inputs, Mapping):
+        names = prepare_info(model).input_names() if model is not None else []
+        if not names or None in names:
+            raise ConfigError(
+                "inputs given as a dict need the prepared model to put them in order (as_inputs(inputs, qmodel)); "
+                "pass a tuple in the order of the model's inputs instead."
+            )
+        missing = [n for n in names if n not in example_inputs]
+        if missing:
+            raise ConfigError(f"the inputs dict has keys {sorted(map(str, example_inputs))} but the model was "
+                              f"prepared with inputs {names}: {', '.join(map(repr, missing))} missing.")
+        return tuple(example_inputs[n] for n in names)
     raise ConfigError(
-        f"example_inputs must be a tensor or a tuple of tensors, got {type(example_inputs).__name__}."
+        f"example_inputs must be a tensor, a tuple of tensors or a dict of named tensors, got "
+        f"{type(example_inputs).__name__}."
     )
+
+
+def split_inputs(example_inputs: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """``prepare``'s example inputs as positional and keyword arguments of the model's forward."""
+    if isinstance(example_inputs, Mapping):
+        if not all(isinstance(k, str) for k in example_inputs):
+            raise ConfigError("example_inputs given as a dict must map forward's argument names (strings) to values.")
+        return (), dict(example_inputs)
+    return as_inputs(example_inputs), {}
+
+
+class _MaskingShapeProp(ShapeProp):
+    """ShapeProp that also marks inputs and buffers whose example value holds an additive-mask value (a precomputed
+    mask passed in or stored; see graph/ops.py). Only those: a computed tensor that overflows (``exp`` of a large
+    value) is not a mask, and calibration must report its Inf instead of leaving it float."""
+
+    def run_node(self, n: fx.Node) -> Any:
+        result = super().run_node(n)
+        if (n.op in ("placeholder", "get_attr") and isinstance(result, torch.Tensor) and result.is_floating_point()
+                and result.numel()
+                and bool((result.detach().abs() >= MASK_MAGNITUDE).any())):
+            n.meta[MASK_VALUE_META] = True
+        return result
 
 
 def _propagate_shapes(gm: fx.GraphModule, example_inputs: tuple[Any, ...]) -> None:
@@ -103,7 +157,7 @@ def _propagate_shapes(gm: fx.GraphModule, example_inputs: tuple[Any, ...]) -> No
     printed = io.StringIO()  # ShapeProp prints a traceback before raising: the error below says it in one paragraph
     try:
         with torch.no_grad(), contextlib.redirect_stderr(printed):
-            ShapeProp(gm).propagate(*example_inputs)
+            _MaskingShapeProp(gm).propagate(*example_inputs)
     except Exception as exc:
         log.debug("shape propagation failed:\n%s", printed.getvalue())
         cause = exc.__cause__ or exc  # ShapeProp wraps the model's own error in a page of graph metadata
@@ -133,9 +187,75 @@ def _placement_table(ann: Annotation) -> list[dict[str, Any]]:
     ]
 
 
+def _fx_capture(
+    module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], leaf_modules: Sequence[type | str],
+    concrete_args: dict[str, Any] | None, preserved_attributes: Sequence[str],
+) -> tuple[fx.GraphModule, tuple[Any, ...]]:
+    """fx capture; returns the graph and the values of its placeholders. Keyword example inputs are bound to
+    forward's parameters; the parameters not given are fixed to their defaults (fx ``concrete_args``)."""
+    if not kwargs:
+        return trace(module, leaf_modules, concrete_args, preserved_attributes), args
+    signature = inspect.signature(module.forward)
+    try:
+        bound = signature.bind_partial(*args, **kwargs)
+    except TypeError as exc:
+        raise ConfigError(f"example_inputs do not match {type(module).__name__}.forward: {exc}.") from None
+    fixed = dict(concrete_args or {})
+    values = []
+    for name, param in signature.parameters.items():
+        if param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
+            continue
+        if name in bound.arguments:
+            values.append(bound.arguments[name])
+        else:
+            default = None if param.default is param.empty else param.default
+            fixed.setdefault(name, default)
+            values.append(fixed[name])
+    return trace(module, leaf_modules, fixed, preserved_attributes), tuple(values)
+
+
+def _capture(
+    module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], capture: str,
+    leaf_modules: Sequence[type | str], concrete_args: dict[str, Any] | None, preserved_attributes: Sequence[str],
+) -> tuple[fx.GraphModule, tuple[Any, ...], str]:
+    """The graph of ``module`` by the chosen front-end, its placeholder values, and the front-end used."""
+    fx_error: TraceError | None = None
+    if capture != "export":
+        try:
+            gm, values = _fx_capture(module, args, kwargs, leaf_modules, concrete_args, preserved_attributes)
+            return gm, values, "fx"
+        except TraceError as exc:
+            if capture == "fx":
+                raise
+            fx_error = exc
+            log.info("torch.fx cannot trace %s (%s); capturing it with torch.export instead (capture='export')",
+                     type(module).__name__, str(exc.__cause__ or exc).splitlines()[0][:200])
+    extra = {k: v for k, v in (concrete_args or {}).items() if k not in kwargs}
+    try:
+        gm = export_trace(module, args, {**kwargs, **extra}, leaf_modules, preserved_attributes)
+    except TraceError as exc:
+        if fx_error is None:
+            raise
+        # both failed: the fx error names the module and line, which is what the user fixes first
+        raise TraceError(f"{fx_error} (torch.export failed too: {exc})") from fx_error
+    return gm, tuple(a for a in (*args, *kwargs.values(), *extra.values()) if isinstance(a, torch.Tensor)), "export"
+
+
+def _float_attention(gm: fx.GraphModule, module: nn.Module) -> list[str]:
+    """The ``nn.MultiheadAttention`` modules of ``module`` that the graph calls: mq has no quantized version of
+    them, so they stay float (skipped), and the user is told."""
+    names = [name for name, m in module.named_modules() if isinstance(m, nn.MultiheadAttention)]
+    if names:
+        log.warning("nn.MultiheadAttention %s stays in float: mq does not quantize its fused in/out projections. To "
+                    "quantize attention, write it with nn.Linear projections and torch.matmul/softmax (as "
+                    "HuggingFace models do).", ", ".join(names))
+    return names
+
+
 def _prepare_graph(
     module: nn.Module,
-    example_inputs: tuple[Any, ...],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
     backend: Backend,
     qconfig: QConfig,
     mode: str,
@@ -144,16 +264,26 @@ def _prepare_graph(
     concrete_args: dict[str, Any] | None,
     preserved_attributes: Sequence[str],
     exact: bool,
-) -> tuple[fx.GraphModule, list[dict[str, Any]]]:
-    gm = trace(module, leaf_modules, concrete_args, preserved_attributes)
+    capture: str,
+) -> tuple[fx.GraphModule, list[dict[str, Any]], tuple[Any, ...], str]:
+    """Capture, fuse, QAT swap and place; returns the graph, its placement table, the values of its inputs (in
+    order) and the front-end used."""
+    converted = linears_from_conv1d(module)
+    if converted:
+        log.info("%d HuggingFace Conv1D layer(s) captured as the equivalent nn.Linear (weight transposed)",
+                 len(converted))
+    gm, values, used = _capture(module, args, kwargs, capture, leaf_modules, concrete_args, preserved_attributes)
     _bind_preserved_methods(gm, module, preserved_attributes)
+    attention = _float_attention(gm, module)
+    if attention:
+        skip = Skip(skip.names | frozenset(attention), skip.types, skip.functions)
     fuse(gm, fusion_patterns(), mode)
     swap_qat_modules(gm, qat_module_mapping(), lambda ch_axis: build_quantizer(qconfig.weight, ch_axis, exact), skip)
-    _propagate_shapes(gm, example_inputs)
+    _propagate_shapes(gm, values)
     ann = annotate(gm, backend.placement, skip)
     materialize(gm, ann, qconfig.activation, lambda spec: build_quantizer(spec, exact=exact))
     gm.train(module.training)
-    return gm, _placement_table(ann)
+    return gm, _placement_table(ann), values, used
 
 
 def _bind_preserved_methods(gm: fx.GraphModule, source: nn.Module, names: Sequence[str]) -> None:
@@ -176,7 +306,8 @@ def _is_installed(backend: Backend) -> bool:
         return False
 
 
-def _submodule_inputs(model: nn.Module, names: Sequence[str], example_inputs: tuple[Any, ...]) -> dict[str, tuple]:
+def _submodule_inputs(model: nn.Module, names: Sequence[str], args: tuple[Any, ...], kwargs: dict[str, Any]
+                      ) -> dict[str, tuple]:
     """Run the float model once and record the positional inputs each named sub-module receives."""
     captured: dict[str, tuple] = {}
     hooks = []
@@ -189,7 +320,7 @@ def _submodule_inputs(model: nn.Module, names: Sequence[str], example_inputs: tu
     model.eval()
     try:
         with torch.no_grad():
-            model(*example_inputs)
+            model(*args, **kwargs)
     finally:
         for h in hooks:
             h.remove()
@@ -201,11 +332,26 @@ def _submodule_inputs(model: nn.Module, names: Sequence[str], example_inputs: tu
     return captured
 
 
-def input_specs(inputs: tuple[Any, ...]) -> list[dict[str, Any] | None]:
+def input_specs(inputs: tuple[Any, ...], gm: fx.GraphModule | None = None) -> list[dict[str, Any] | None]:
     """Shape and dtype of each example input (None for one that is not a tensor): what calibration data is checked
-    against, and what a checkpoint records to rebuild example inputs."""
-    return [{"shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch.")} if isinstance(t, torch.Tensor)
-            else None for t in inputs]
+    against, and what a checkpoint records to rebuild example inputs.
+
+    With the prepared graph ``gm``, each spec also holds the input's ``name`` (its placeholder) and ``dynamic``,
+    the dimensions that may differ from the example, ``{dim: name}``: the batch for fx graphs, the batch and the
+    sequence of integer inputs for torch.export graphs (what the capture left dynamic)."""
+    names = [n.name for n in gm.graph.nodes if n.op == "placeholder"] if gm is not None else []
+    dynamic = gm.meta.get(DYNAMIC_META) if gm is not None else None
+    specs: list[dict[str, Any] | None] = []
+    for i, t in enumerate(inputs):
+        if not isinstance(t, torch.Tensor):
+            specs.append(None)
+            continue
+        spec: dict[str, Any] = {"shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch.")}
+        if gm is not None:
+            spec["name"] = names[i] if i < len(names) else None
+            spec["dynamic"] = dict(dynamic[i]) if dynamic is not None and i < len(dynamic) else {0: "batch"}
+        specs.append(spec)
+    return specs
 
 
 def _items(value: Any, option: str, kinds: tuple[type, ...], what: str) -> list[Any]:
@@ -256,15 +402,19 @@ def prepare(
     preserved_attributes: Sequence[str] = (),
     exact: bool = True,
     inplace: bool = False,
+    capture: str = "auto",
 ) -> nn.Module:
     """Prepare ``model`` for ``backend``: the returned model simulates the target's quantization.
 
     Args:
-        model: the float model (not modified unless ``inplace``).
+        model: the float model (not modified unless ``inplace``; HuggingFace ``Conv1D`` layers are captured as the
+            equivalent ``nn.Linear``, see ``mq_core.graph.capture.linears_from_conv1d``).
         backend: a ``Backend`` or its name/alias.
-        example_inputs: a tensor or tuple of tensors the model's forward accepts (used for tracing checks and
-            shape propagation). Their shapes and dtypes are recorded: calibration data must match them in every
-            dimension but the first (the batch dimension).
+        example_inputs: a tensor, a tuple of tensors, or a dict of keyword arguments (``{"input_ids": ...,
+            "attention_mask": ...}``) the model's forward accepts (used for capture and shape propagation). Their
+            shapes and dtypes are recorded: calibration data must match them in every dimension but the dynamic
+            ones (the batch; with torch.export capture also the sequence dimension of integer inputs). The
+            prepared model takes the inputs in this order, by position or by name.
         qconfig: ``None`` for the backend's default, a preset name (``"w4a4"``), a preset or a full QConfig.
         mode: ``"ptq"`` (BN folded now, model in eval mode) or ``"qat"`` (BN kept and its folding simulated).
         modules: quantize only these sub-modules (qualified names, e.g. ``["backbone"]``).
@@ -275,11 +425,16 @@ def prepare(
             naming the closest ones; a single name may be passed as a string.
         concrete_args, preserved_attributes: passed to the tracer / copied onto the GraphModule.
         exact: use the division-based rounding that matches ONNX Runtime bit for bit (see docs/design.md).
+        capture: ``"fx"`` (torch.fx symbolic tracing), ``"export"`` (torch.export, for models fx cannot trace,
+            such as HuggingFace transformers) or ``"auto"``: fx, falling back to torch.export on a trace error
+            with one log line. Both give the same placement where both can capture (docs/design.md).
     """
     if not isinstance(model, nn.Module):
         raise ConfigError(f"prepare() needs an nn.Module, got {type(model).__name__}.")
     if mode not in MODES:
         raise ConfigError(f"mode must be one of {MODES}, got {mode!r}.")
+    if capture not in CAPTURES:
+        raise ConfigError(f"capture must be one of {CAPTURES}, got {capture!r}.")
     if qconfig is not None and not isinstance(qconfig, QConfig | QConfigPreset | str):
         raise ConfigError(f"qconfig must be None (the backend's default), a preset name such as 'w4a4', a "
                           f"QConfigPreset or a QConfig; got {qconfig!r}.")
@@ -297,24 +452,32 @@ def prepare(
     _check_names("leaf_modules", (n for n in leaf_modules if isinstance(n, str)), quantized, where)
     backend = resolve_backend(backend)
     resolved = resolve_qconfig(backend, qconfig)
-    inputs = as_inputs(example_inputs)
+    args, kwargs = split_inputs(example_inputs)
     skipper = Skip.build(skip_items)
     root = model if inplace else copy.deepcopy(model)
     if mode == "ptq":
         root.eval()
     common = dict(backend=backend, qconfig=resolved, mode=mode, skip=skipper, leaf_modules=leaf_modules,
-                  concrete_args=concrete_args, preserved_attributes=preserved_attributes, exact=exact)
+                  concrete_args=concrete_args, preserved_attributes=preserved_attributes, exact=exact,
+                  capture=capture)
     placements: dict[str, list[dict[str, Any]]] = {}
+    used: set[str] = set()
     if modules:
-        sub_inputs = _submodule_inputs(root, modules, inputs)
+        sub_inputs = _submodule_inputs(root, modules, args, kwargs)
         for name in modules:
             sub = root.get_submodule(name)
-            gm, placements[name] = _prepare_graph(sub, sub_inputs[name], **common)
+            gm, placements[name], _values, how = _prepare_graph(sub, sub_inputs[name], {}, **common)
+            used.add(how)
             parent_name, _, child = name.rpartition(".")
             setattr(root.get_submodule(parent_name) if parent_name else root, child, gm)
         result = root
+        specs = input_specs(as_inputs(example_inputs) if not kwargs else tuple(kwargs.values()))
+        bounds: dict[str, tuple[int, int | None]] = {}
     else:
-        result, placements[""] = _prepare_graph(root, inputs, **common)
+        result, placements[""], values, how = _prepare_graph(root, args, kwargs, **common)
+        used.add(how)
+        specs = input_specs(values, result)
+        bounds = dict(result.meta.get(DIM_BOUNDS_META, {}))
     graphs = [result] if not modules else [result.get_submodule(name) for name in modules]
     layers = quantized | {node.name for gm in graphs for node in gm.graph.nodes if node.op != "output" and not (
         node.op == "call_module" and isinstance(gm.get_submodule(str(node.target)), FakeQuantizer))}
@@ -330,7 +493,9 @@ def prepare(
         placements=placements,
         preserved_attributes=list(preserved_attributes),
         custom_backend=not _is_installed(backend),
-        inputs=input_specs(inputs),
+        inputs=specs,
+        capture="export" if "export" in used else "fx",
+        dim_bounds=bounds,
     )
     if isinstance(result, fx.GraphModule):
         # GraphModule.__deepcopy__ rebuilds the module from its graph and drops plain attributes such as mq_info;

@@ -1,7 +1,10 @@
 """The ``tvm`` runtime: Apache TVM's relax VM on an llvm CPU target runs an exported ONNX to verify it.
 
 Steps (TVM 0.27 has no Relay): ``lower_qoperators`` (QLinearConv/QLinearMatMul, which the relax importer lacks),
-``tvm.relax.frontend.onnx.from_onnx`` with the feeds' concrete shapes (relax compiles static shapes),
+``static_shapes`` (the inputs fixed to the feeds' shapes and every integer value computed from shapes alone folded
+into an initializer: relax compiles static shapes, and its importer cannot reshape a tensor whose shape comes from a
+``Shape -> Gather -> Slice`` chain, which a model exported with a dynamic sequence length has),
+``tvm.relax.frontend.onnx.from_onnx`` with the feeds' concrete shapes,
 ``relax.transform.DecomposeOpsForInference``, ``tvm.compile(target="llvm")``, ``relax.VirtualMachine`` on
 ``tvm.cpu()``. Compiling takes seconds per model, so compiled VMs are kept per process and (model bytes, input
 shapes and dtypes, target): verifying the same artifact again reuses them. mq runs a runtime in one long-lived worker
@@ -10,6 +13,7 @@ process (``mq_core.runtimes.isolation``), so the cache lasts as long as the mq p
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import logging
 import time
@@ -18,6 +22,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 import onnx
+from onnx import numpy_helper
 
 from mq_core.plugin_api import Runtime
 from mq_tvm.lowering import lower_qoperators
@@ -59,7 +64,8 @@ class TVMRuntime(Runtime):
         from tvm.relax.frontend.onnx import from_onnx
 
         start = time.perf_counter()
-        mod = from_onnx(lower_qoperators(model), shape_dict={n: list(a.shape) for n, a in feeds.items()},
+        mod = from_onnx(static_shapes(lower_qoperators(model), feeds),
+                        shape_dict={n: list(a.shape) for n, a in feeds.items()},
                         dtype_dict={n: str(a.dtype) for n, a in feeds.items()})
         mod = relax.transform.DecomposeOpsForInference()(mod)
         executable = tvm.compile(mod, target=tvm.target.Target(self.target))
@@ -77,3 +83,80 @@ class TVMRuntime(Runtime):
         result = vm["main"](*(to_device(np.ascontiguousarray(feeds[n])) for n in names))
         outputs = [result] if hasattr(result, "numpy") else list(result)
         return [o.numpy() for o in outputs]
+
+
+#: Largest value ``static_shapes`` folds into an initializer (a shape, a range of positions, a causal mask).
+FOLD_MAX_ELEMENTS = 1 << 20
+
+
+def static_shapes(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> onnx.ModelProto:
+    """``model`` with its graph inputs fixed to the feeds' shapes and every non-float value computed from shapes
+    alone (``Shape``, and the integer and boolean ops that read only shapes and constants: sizes, slice bounds,
+    position ranges, causal masks) replaced by an initializer. Float computations stay as they are, so the ops the
+    runtime verifies are the artifact's own."""
+    model = copy.deepcopy(model)
+    graph = model.graph
+    for value in graph.input:
+        if value.name in feeds:
+            dims = value.type.tensor_type.shape.dim
+            for dim, size in zip(dims, feeds[value.name].shape):
+                dim.Clear()
+                dim.dim_value = int(size)
+    del graph.value_info[:]
+    shapes = _inferred_shapes(model)
+    known: dict[str, np.ndarray] = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    folded: dict[str, np.ndarray] = {}
+    kept: list[onnx.NodeProto] = []
+    for node in graph.node:
+        values = _fold(node, known, folded, shapes)
+        if values is None:
+            kept.append(node)
+            continue
+        for name, value in zip(node.output, values):
+            known[name] = folded[name] = value
+    if folded:
+        del graph.node[:]
+        graph.node.extend(kept)
+        graph.initializer.extend(numpy_helper.from_array(v, name) for name, v in folded.items())
+        log.debug("folded %d shape value(s) for the feeds' shapes", len(folded))
+    return model
+
+
+def _inferred_shapes(model: onnx.ModelProto) -> dict[str, tuple[int, ...]]:
+    """The static shape of every tensor ONNX shape inference (with data propagation) can give."""
+    inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
+    shapes = {}
+    for value in (*inferred.graph.input, *inferred.graph.value_info):
+        tensor_type = value.type.tensor_type
+        if tensor_type.HasField("shape") and all(d.HasField("dim_value") for d in tensor_type.shape.dim):
+            shapes[value.name] = tuple(d.dim_value for d in tensor_type.shape.dim)
+    return shapes
+
+
+def _fold(node: onnx.NodeProto, known: dict[str, np.ndarray], folded: dict[str, np.ndarray],
+          shapes: dict[str, tuple[int, ...]]) -> list[np.ndarray] | None:
+    """The outputs of ``node`` when it computes non-float values from shapes alone (at least one input folded
+    before, every input known), else None."""
+    if node.op_type in ("Shape", "Size") and node.domain in ("", "ai.onnx") and node.input[0] in shapes:
+        shape = np.array(shapes[node.input[0]], dtype=np.int64)
+        if node.op_type == "Size":
+            return [np.array(int(np.prod(shape)), dtype=np.int64)]
+        attrs = {a.name: a.i for a in node.attribute}
+        return [shape[attrs.get("start", 0):attrs.get("end")]]
+    inputs = [name for name in node.input if name]
+    if (node.domain not in ("", "ai.onnx") or not inputs or not any(n in folded for n in inputs)
+            or not all(n in known for n in inputs) or any(a.type in (onnx.AttributeProto.GRAPH,
+                                                                     onnx.AttributeProto.GRAPHS)
+                                                          for a in node.attribute)):
+        return None
+    from onnx.reference import ReferenceEvaluator
+
+    try:
+        values = ReferenceEvaluator(node).run(None, {n: known[n] for n in inputs})
+    except Exception as exc:  # an op the reference cannot run here: leave it to the importer
+        log.debug("cannot fold %s (%s): %s", node.name, node.op_type, exc)
+        return None
+    values = [np.asarray(v) for v in values]
+    if any(v.dtype.kind in "fc" or v.size > FOLD_MAX_ELEMENTS for v in values):
+        return None
+    return values
