@@ -23,7 +23,7 @@ def compiled(core: ov.Core, path: Path, threads: int) -> ov.CompiledModel:
     return core.compile_model(core.read_model(str(path)), "CPU", config)
 
 
-def measure(case: ResNetCase, work: Path, threads: int, runs: int) -> list[list[str]]:
+def measure(case: ResNetCase, work: Path, threads: int, runs: int, repeats: int) -> list[list[str]]:
     """Export the float model and mq's two openvino configurations into ``work``, compile and time them."""
     results: dict[str, Path] = {"float (fp32)": case.float_onnx(work / "float.onnx")}
     for label, qconfig in MQ_QCONFIGS:
@@ -34,7 +34,7 @@ def measure(case: ResNetCase, work: Path, threads: int, runs: int) -> list[list[
     for label, path in results.items():
         request = compiled(core, path, threads).create_infer_request()
         runners[label] = lambda x, request=request: np.array(request.infer({0: x})[0], copy=True)
-    return case.measure(runners, runs)
+    return case.measure(runners, runs, repeats)
 
 
 def main() -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import os
 import platform
 import statistics
 import tempfile
@@ -22,7 +23,7 @@ import torch
 
 import mq_core as mq
 from mq_core.export.canonical import quiet_exporter
-from mq_core.runtimes.cpu import int8_may_saturate
+from mq_core.runtimes.cpu import VNNI_FLAGS
 from mq_core.testing.zoo import ResNet18, randomize_bn
 from mq_core.text import render_table
 
@@ -68,17 +69,21 @@ class ResNetCase:
         mq.calibrate(qmodel, self.calib, progress=False)
         return mq.export(qmodel, example, out)
 
-    def measure(self, runners: dict[str, Callable[[np.ndarray], np.ndarray]], runs: int) -> list[list[str]]:
-        """One table row per runner: latency (interleaved, see ``interleaved_ms``), speed-up over the first runner
-        (the float model), top-1 agreement and SQNR."""
+    def measure(self, runners: dict[str, Callable[[np.ndarray], np.ndarray]], runs: int, repeats: int = 1,
+                reference: str | None = None) -> list[list[str]]:
+        """One table row per runner: latency (interleaved, see ``interleaved_ms``) in each of ``repeats``
+        measurements, the speed-up over the first runner (the float model) and over ``reference`` (a runner's label)
+        in each, top-1 agreement and SQNR."""
         x = self.held_out[0].numpy()
-        latencies = interleaved_ms({label: functools.partial(run, x) for label, run in runners.items()}, runs)
-        base = latencies[next(iter(runners))]
+        calls = {label: functools.partial(run, x) for label, run in runners.items()}
+        measured = [interleaved_ms(calls, runs) for _ in range(repeats)]
+        bases = [next(iter(runners))] + ([reference] if reference else [])
         rows = []
         for label, run in runners.items():
             top1, sqnr = self.accuracy(run)
-            ms = latencies[label]
-            rows.append([label, f"{ms:.1f}", f"{base / ms:.2f}x", f"{top1:.1f}%", f"{sqnr:.1f}"])
+            ratios = [" / ".join(f"{m[base] / m[label]:.2f}x" for m in measured) for base in bases]
+            rows.append([label, " / ".join(f"{m[label]:.1f}" for m in measured), *ratios, f"{top1:.1f}%",
+                         f"{sqnr:.1f}"])
         return rows
 
     def accuracy(self, run: Callable[[np.ndarray], np.ndarray]) -> tuple[float, float]:
@@ -111,9 +116,11 @@ def interleaved_ms(calls: dict[str, Callable[[], object]], runs: int, warmup: in
     return {label: statistics.median(t) for label, t in times.items()}
 
 
-def write_report(title: str, header: str, rows: list[list[str]], out: Path) -> None:
+def write_report(title: str, header: str, rows: list[list[str]], out: Path, reference: str | None = None) -> None:
     """Print the table and write it (with its header: setup, machine, versions) to ``out`` as Markdown."""
-    table = render_table(["model", "latency ms", "speed-up vs fp32", "top-1 agreement", "SQNR dB"], rows)
+    columns = ["model", "latency ms", "speed-up vs fp32", *([f"vs {reference}"] if reference else []),
+               "top-1 agreement", "SQNR dB"]
+    table = render_table(columns, rows)
     text = (f"{header}\n{machine_line()}\nAccuracy vs the torch float model on the held-out inputs: SQNR of the "
             "logits (the meaningful number for random weights) and top-1 agreement with the float predictions.\n"
             f"\n{table}\n")
@@ -126,14 +133,17 @@ def run_benchmark(
     description: str,
     result_name: str,
     title: str,
-    measure: Callable[[ResNetCase, Path, int, int], list[list[str]]],
+    measure: Callable[[ResNetCase, Path, int, int, int], list[list[str]]],
     runtime: Callable[[argparse.Namespace], str],
+    reference: str | None = None,
 ) -> None:
-    """The command line both runtime benchmarks share: parse ``--runs/--threads/--batch/--out``, build the case,
-    let ``measure(case, work_dir, threads, runs)`` export into a temporary folder and time, and write the report
-    (``runtime(args)`` describes the runtime's settings in its header)."""
+    """The command line both runtime benchmarks share: parse ``--runs/--repeats/--threads/--batch/--out``, build
+    the case, let ``measure(case, work_dir, threads, runs, repeats)`` export into a temporary folder and time, and
+    write the report (``runtime(args)`` describes the runtime's settings in its header; ``reference`` names the row
+    a second speed-up column compares with)."""
     parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--runs", type=int, default=30)
+    parser.add_argument("--runs", type=int, default=30, help="timed calls per model in one measurement")
+    parser.add_argument("--repeats", type=int, default=3, help="measurements in this invocation, each reported")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / result_name)
@@ -141,16 +151,27 @@ def run_benchmark(
 
     case = ResNetCase.build(args.batch)
     with tempfile.TemporaryDirectory(prefix="mq-bench-") as tmp:
-        rows = measure(case, Path(tmp), args.threads, args.runs)
-    header = (f"ResNet-18 shape, 224x224, batch {args.batch}, {runtime(args)}, median of {args.runs} interleaved "
-              "runs.")
-    write_report(title, header, rows, args.out)
+        rows = measure(case, Path(tmp), args.threads, args.runs, args.repeats)
+    header = (f"ResNet-18 shape, 224x224, batch {args.batch}, {runtime(args)}; median of {args.runs} interleaved "
+              f"runs, measured {args.repeats} times in this invocation (the columns list each measurement).")
+    write_report(title, header, rows, args.out, reference)
+
+
+def vnni() -> str:
+    """Whether the CPU has int8 dot-product instructions (VNNI), from the Linux CPU flags."""
+    cpuinfo = Path("/proc/cpuinfo")
+    if platform.machine().lower() not in ("x86_64", "amd64") or not cpuinfo.exists():
+        return "unknown (not x86 Linux)"
+    flags = next((set(line.split(":", 1)[1].split()) for line in cpuinfo.read_text().splitlines()
+                  if line.startswith("flags")), set())
+    found = sorted(flags & VNNI_FLAGS)
+    return f"yes ({', '.join(found)})" if found else f"no (no {', '.join(sorted(VNNI_FLAGS))} flag: AVX2 int8 path)"
 
 
 def machine_line() -> str:
-    """CPU model, architecture, whether int8 kernels are exact here, and the Python/torch/mq versions."""
+    """CPU model, architecture, whether it has VNNI, and the Python/torch/mq versions."""
     cpuinfo = Path("/proc/cpuinfo")
     cpu = next((line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
                 if line.startswith("model name")), platform.processor()) if cpuinfo.exists() else platform.processor()
-    return (f"Machine: {cpu}, {platform.machine()}, VNNI: {'no' if int8_may_saturate() else 'yes/unknown'}; "
+    return (f"Machine: {cpu}, {platform.machine()}, {os.cpu_count()} logical CPUs, VNNI: {vnni()}; "
             f"Python {platform.python_version()}, torch {torch.__version__}, mq-core {mq.__version__}.")

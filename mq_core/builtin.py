@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from mq_core.backend import Backend
 from mq_core.export.exporter import Exporter
-from mq_core.export.qdq import QDQExporter
+from mq_core.export.qdq import ORTQDQExporter, QDQExporter
 from mq_core.graph.fusion import FusionPattern
 from mq_core.graph.patterns import standard_patterns
 from mq_core.graph.policy import output_placement
@@ -106,6 +106,7 @@ def register_qat_modules(register: RegisterQATModule) -> None:
 @hookimpl
 def register_exporters(register: Register[Exporter]) -> None:
     register(QDQExporter())
+    register(ORTQDQExporter())
 
 
 @hookimpl

@@ -27,6 +27,7 @@ from torch import fx, nn
 
 from mq_core.errors import ExportError
 from mq_core.export import ops  # noqa: F401  (registers the mq:: custom ops)
+from mq_core.graph import integer_sim
 from mq_core.quant.fake_quant import FakeQuantizer
 from mq_core.quant.functional import quantize
 from mq_core.quant.scheme import QuantScheme
@@ -224,6 +225,7 @@ def deploy_view(qmodel: nn.Module) -> nn.Module:
             "mq.calibrate(qmodel, data) first."
         )
     model = copy.deepcopy(qmodel).eval()
+    integer_sim.switch_off(model)  # the export holds the float ops the runtime fuses, never the simulation's
     layers = [(n, m) for n, m in model.named_modules() if isinstance(getattr(m, "weight_fake_quant", None),
                                                                       FakeQuantizer)]
     for name, qat in layers:

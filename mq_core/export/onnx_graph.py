@@ -75,6 +75,14 @@ class Graph:
         self.inputs = [i.name for i in g.input]
 
     # --- initializers ---------------------------------------------------------------------------------------
+    def fresh_name(self, base: str) -> str:
+        """``base``, or ``base_<k>`` if a tensor of that name exists (for tensors a rewrite adds)."""
+        taken = set(self.producer) | set(self.initializers) | set(self.inputs)
+        name, k = base, 1
+        while name in taken:
+            name, k = f"{base}_{k}", k + 1
+        return name
+
     def array(self, name: str) -> np.ndarray:
         """Value of an initializer or of a Constant node's output."""
         if name in self.initializers:

@@ -21,6 +21,10 @@ class Runtime:
     #: Allowed difference in steps when ``verify`` is not given one (None: the default, 1 step). A runtime that
     #: declares a larger one says why in its docstring.
     tolerance: ClassVar[float | None] = None
+    #: Whether the runtime rounds exact .5 ties to even, as QuantizeLinear and mq's simulation do. One that does not
+    #: (OpenVINO's FakeQuantize) says so, and the layer-wise verification then does not count a one-step
+    #: difference at an exact tie of the simulation against it (``mq_core.pipeline.verify_layers``).
+    ties_to_even: ClassVar[bool] = True
 
     def available(self) -> bool:
         return importlib.util.find_spec(self.module) is not None

@@ -57,6 +57,8 @@ class ConformanceResult:
     float_error: dict[str, float] = field(default_factory=dict)
     #: what failed besides the verification reports: outputs too far from float, qparams off the backend's grids
     problems: list[str] = field(default_factory=list)
+    #: the exports verified, by exporter (with the prepared model: to verify again, e.g. after a ``mutations`` edit)
+    exports: dict[str, ExportResult] = field(default_factory=dict)
 
     @property
     def passed(self) -> bool:
@@ -105,7 +107,7 @@ def run_conformance(
         f"is {max_float_error:g}): the calibrated ranges do not fit the data (an observer that clips or saturates?)"
         for name, error in checked.float_error.items() if not error <= max_float_error
     ]
-    results = export_many(qmodel, example_inputs, out_dir, exporters)
+    results = checked.exports = export_many(qmodel, example_inputs, out_dir, exporters)
     for name, result in results.items():
         checked.reports[name] = verify(result, inputs, runtimes=runtimes, tolerance=tolerance)
     canonical = next(iter(results.values())).qdq_model

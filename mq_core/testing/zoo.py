@@ -55,14 +55,16 @@ class TinyResNet(nn.Module):
 
 
 class InvertedResidual(nn.Module):
-    """MobileNetV2 block: 1x1 expand + ReLU6, 3x3 depthwise + ReLU6, 1x1 project, residual when shapes allow."""
+    """MobileNetV2 block: 1x1 expand + ReLU6 (unless ``expand`` is 1), 3x3 depthwise + ReLU6, 1x1 project, residual
+    when shapes allow."""
 
     def __init__(self, cin: int, cout: int, stride: int, expand: int = 4) -> None:
         super().__init__()
         hidden = cin * expand
         self.use_residual = stride == 1 and cin == cout
+        expansion = [*_conv_bn(cin, hidden, 1), nn.ReLU6()] if expand != 1 else []  # none at 1, as torchvision
         self.block = nn.Sequential(
-            *_conv_bn(cin, hidden, 1), nn.ReLU6(),
+            *expansion,
             *_conv_bn(hidden, hidden, 3, stride, groups=hidden), nn.ReLU6(),
             *_conv_bn(hidden, cout, 1),
         )
@@ -167,24 +169,70 @@ class ResNet18(nn.Module):
         return self.fc(torch.flatten(self.avgpool(self.layers(self.pool(self.stem(x)))), 1))
 
 
-def resnet18(num_classes: int = 10, seed: int = 0, size: int = 64) -> nn.Module:
-    """``ResNet18`` as torchvision initialises it (convs kaiming-normal, fan_out; BN weight 1, bias 0), with BN
-    statistics set on random ``size`` x ``size`` images, in eval mode: a deep network whose activations drift
-    between torch and a runtime the way a real one's do (the layer-wise verification's test model). Not in
-    ``ZOO``: too slow for the backend matrix."""
-    torch.manual_seed(seed)
-    model = ResNet18(num_classes)
+class MobileNetV2(nn.Module):
+    """MobileNetV2's shape as torchvision builds it: a stride-2 3x3 stem, the 17 inverted residual blocks of the
+    paper (expansion 6, except 1 in the first; depthwise 3x3, ReLU6, linear 1x1 projection, residual where the
+    shape allows), a 1x1 conv to 1280 channels, global pooling, dropout and a Linear. ``width`` scales every
+    channel count but the last conv's (rounded to multiples of 8, as torchvision's width multiplier does)."""
+
+    #: (expansion, channels, blocks, first stride) per stage, torchvision's ``inverted_residual_setting``
+    SETTING = ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2),
+               (6, 320, 1, 1))
+
+    def __init__(self, num_classes: int = 1000, width: float = 1.0, last_channel: int = 1280) -> None:
+        super().__init__()
+
+        def channels(c: int) -> int:
+            return max(8, int(c * width + 4) // 8 * 8)
+
+        cin = channels(32)
+        layers: list[nn.Module] = [nn.Sequential(*_conv_bn(3, cin, 3, 2), nn.ReLU6())]
+        for expand, c, n, s in self.SETTING:
+            for i in range(n):
+                layers.append(InvertedResidual(cin, channels(c), s if i == 0 else 1, expand))
+                cin = channels(c)
+        layers.append(nn.Sequential(*_conv_bn(cin, last_channel, 1), nn.ReLU6()))
+        self.features = nn.Sequential(*layers)
+        self.classifier = nn.Sequential(nn.Dropout(0.2), nn.Linear(last_channel, num_classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(torch.flatten(F.adaptive_avg_pool2d(self.features(x), 1), 1))
+
+
+def _init_like_torchvision(model: nn.Module, seed: int, size: int, linear_std: float | None = None) -> nn.Module:
+    """Initialise as torchvision does (convs kaiming-normal, fan_out; BN weight 1, bias 0; Linear weights
+    N(0, ``linear_std``) and zero bias where given, else PyTorch's default), then set BN statistics on two batches
+    of eight random ``size`` x ``size`` images; eval mode."""
     for m in model.modules():
         if isinstance(m, nn.Conv2d):
             nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
         elif isinstance(m, nn.BatchNorm2d):
             m.momentum = None  # running statistics: the plain average over the batches below
+        elif isinstance(m, nn.Linear) and linear_std is not None:
+            nn.init.normal_(m.weight, 0, linear_std)
+            nn.init.zeros_(m.bias)
     gen = torch.Generator().manual_seed(seed)
     model.train()
     with torch.no_grad():
         for _ in range(2):
             model(torch.randn(8, 3, size, size, generator=gen))
     return model.eval()
+
+
+def resnet18(num_classes: int = 10, seed: int = 0, size: int = 64) -> nn.Module:
+    """``ResNet18`` initialised as torchvision does, with BN statistics set on random ``size`` x ``size`` images,
+    in eval mode: a deep network whose activations drift between torch and a runtime the way a real one's do (the
+    layer-wise verification's test model). Not in ``ZOO``: too slow for the backend matrix."""
+    torch.manual_seed(seed)
+    return _init_like_torchvision(ResNet18(num_classes), seed, size)
+
+
+def mobilenet_v2(num_classes: int = 10, seed: int = 0, size: int = 64, width: float = 0.5) -> nn.Module:
+    """``MobileNetV2`` (all 17 blocks, the 1280-channel last conv; other channels scaled by ``width``) initialised
+    as torchvision does, with BN statistics set on random ``size`` x ``size`` images, in eval mode: depth, ReLU6
+    and depthwise convs as a real one has them. Not in ``ZOO``: too slow for the backend matrix."""
+    torch.manual_seed(seed)
+    return _init_like_torchvision(MobileNetV2(num_classes, width), seed, size, linear_std=0.01)
 
 
 @dataclass(frozen=True)

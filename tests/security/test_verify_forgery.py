@@ -3,7 +3,6 @@ that disagrees with the checkpoint fails on its own."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 from collections.abc import Callable
@@ -20,6 +19,7 @@ from torch import nn
 import mq_core as mq
 from mq_core.cli.main import cli
 from mq_core.export.onnx_graph import Graph
+from mq_core.testing.mutations import update_checksums
 from mq_core.testing.zoo import ZOO
 
 OUTPUT_TENSOR = "net_6"  # the quantized tensor the MLP's logits are dequantized from
@@ -47,12 +47,7 @@ def forged(original_dir: Path, target: Path, edit_manifest: Callable[[dict[str, 
         model = onnx.load(target / "model.onnx")
         edit_model(Graph(model))
         onnx.save(model, target / "model.onnx")
-    manifest = json.loads((target / "manifest.json").read_text())
-    edit_manifest(manifest)
-    for entry in manifest["files"]:
-        data = (target / entry["path"]).read_bytes()
-        entry["sha256"], entry["bytes"] = hashlib.sha256(data).hexdigest(), len(data)
-    (target / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    update_checksums(target, edit_manifest)
     return target
 
 

@@ -33,15 +33,6 @@ INT32 = np.iinfo(np.int32)
 ONE = "mq_requantize_one"
 
 
-def _fresh(graph: Graph, base: str) -> str:
-    """``base``, or ``base_<k>`` if a tensor of that name exists."""
-    taken = set(graph.producer) | set(graph.initializers) | set(graph.inputs)
-    name, k = base, 1
-    while name in taken:
-        name, k = f"{base}_{k}", k + 1
-    return name
-
-
 def _dq(graph: Graph, tensor: str, weight: bool) -> onnx.NodeProto | None:
     """The DequantizeLinear producing ``tensor``: of constant codes (``weight``) or of a per-tensor activation."""
     node = graph.producer.get(tensor)
@@ -115,7 +106,7 @@ def propagate_dequantize(graph: Graph) -> None:
             if dq is None or not all(graph.is_constant(i) for i in node.input[1:] if i):
                 continue
             out = node.output[0]
-            codes = _fresh(graph, f"{out}_quantized")
+            codes = graph.fresh_name(f"{out}_quantized")
             on_codes = onnx.NodeProto.FromString(node.SerializeToString())
             on_codes.input[0], on_codes.output[0] = dq.input[0], codes
             after = make_node("DequantizeLinear", [codes, dq.input[1], dq.input[2]], [out], f"{out}_DequantizeLinear")
@@ -149,7 +140,7 @@ def _conv(graph: Graph, conv: onnx.NodeProto) -> None:
     drop, q = tail
     inputs = [*x.input[:3], *w.input[:3], *q.input[1:3]]
     if bias:
-        name = _fresh(graph, f"{q.output[0]}_bias")
+        name = graph.fresh_name(f"{q.output[0]}_bias")
         graph.set_initializer(name, _int32_bias(graph, bias, x.input[1], w.input[1], conv.name or conv.output[0]))
         inputs.append(name)
     attrs = {a.name: onnx.helper.get_attribute_value(a) for a in conv.attribute}
@@ -213,12 +204,12 @@ def _matmul(graph: Graph, node: onnx.NodeProto) -> None:
                          f"{y}_QLinearMatMul")]
         graph.replace_nodes(old, new)
         return
-    bias_name, multiplier = _fresh(graph, f"{y}_bias"), _fresh(graph, f"{y}_multiplier")
+    bias_name, multiplier = graph.fresh_name(f"{y}_bias"), graph.fresh_name(f"{y}_multiplier")
     graph.set_initializer(bias_name, _int32_bias(graph, bias, a.input[1], b.input[1], node.name or node.output[0]))
     graph.set_initializer(multiplier, requant_multiplier(graph.array(a.input[1]), graph.array(b.input[1]),
                                                          graph.array(q.input[1])))
     graph.set_initializer(ONE, np.float32(1.0))
-    acc, biased, real, scaled = (_fresh(graph, f"{y}_{s}") for s in ("acc", "acc_biased", "acc_float", "scaled"))
+    acc, biased, real, scaled = (graph.fresh_name(f"{y}_{s}") for s in ("acc", "acc_biased", "acc_float", "scaled"))
     new = [
         make_node("MatMulInteger", [a.input[0], codes, a.input[2], b.input[2]], [acc], f"{y}_MatMulInteger"),
         make_node("Add", [acc, bias_name], [biased], f"{y}_AddBias"),
