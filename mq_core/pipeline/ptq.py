@@ -1,21 +1,28 @@
 """Post-training quantization methods: the plugin interface and ``mq.ptq``.
 
-A method (AdaRound, BRECQ, QDrop in mq-algos) registers through ``register_ptq_methods``. It runs after
-calibration on a calibrated prepared model and calibration data, changes weights/qparams in place, and leaves
-the model with quantization enabled, so it exports like any other.
+A method (AdaRound, BRECQ, QDrop, bias correction, cross-layer equalization in mq-algos) registers through
+``register_ptq_methods``. It works on a prepared model and calibration data, changes weights/qparams in place, and
+leaves the model calibrated with quantization enabled, so it exports like any other.
+
+Methods compose: ``mq.ptq(qmodel, "cle,bias_correction,adaround", data)`` runs them in the order given. A method
+of the ``"float"`` stage (CLE) rewrites the float weights, which every range measured before it depends on, so it
+must come before the ``"calibrated"`` ones (which start from calibrated qparams), and ``mq.ptq`` calibrates the
+model again, on the data it was given, after the last of them. That is also why such a method accepts a model
+that was never calibrated.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import typing
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from torch import nn
 
 from mq_core.errors import CalibrationError, ConfigError
-from mq_core.pipeline.calibrate import iter_batches, model_inputs
+from mq_core.pipeline.calibrate import calibrate, iter_batches, model_inputs
 from mq_core.pipeline.prepare import prepare_info
 from mq_core.plugins.lookup import get_ptq_method
 from mq_core.quant.switches import quantizers
@@ -27,6 +34,10 @@ class PTQMethod:
 
     name: ClassVar[str]
     description: ClassVar[str] = ""
+    #: ``"calibrated"``: runs after calibration, on calibrated qparams (AdaRound, bias correction).
+    #: ``"float"``: changes the float function's parametrisation (CLE), so it runs before calibration, and
+    #: ``mq.ptq`` calibrates again after it; in a composition it comes before every "calibrated" method.
+    stage: ClassVar[str] = "calibrated"
 
     @dataclass(frozen=True)
     class Config:
@@ -76,9 +87,76 @@ def _coerce(method: str, key: str, value: Any, hint: Any) -> Any:
     return value
 
 
+STAGES = ("float", "calibrated")
+
+
+def ptq_plan(method: str | PTQMethod | Sequence[str | PTQMethod], config: Any = None,
+             **overrides: Any) -> list[tuple[PTQMethod, Any]]:
+    """The methods of ``method`` (a name, ``"a,b,c"``, a PTQMethod or a list of them) in order, each with its
+    config; every name, option and ordering error is a ``ConfigError`` here, before any work.
+
+    Options go to the methods that have them: ``iterations=500`` to every method of the list with an option of
+    that name, ``adaround.iterations=500`` to adaround only. An option no method of the list has is an error.
+    ``config`` (a method's ``Config`` object) needs a single method.
+    """
+    items: list[str | PTQMethod]
+    if isinstance(method, str):
+        items = [part.strip() for part in method.split(",")]
+        if any(not part for part in items):
+            raise ConfigError(f"PTQ method list {method!r} has an empty name; separate names by single commas, "
+                              "e.g. 'cle,bias_correction,adaround'.")
+    elif isinstance(method, PTQMethod):
+        items = [method]
+    elif isinstance(method, Sequence) and method and all(isinstance(m, str | PTQMethod) for m in method):
+        items = list(method)
+    else:
+        raise ConfigError(f"method must be a PTQ method name, a comma-separated list of names or a PTQMethod, got "
+                          f"{method!r}.")
+    chosen: list[PTQMethod] = [get_ptq_method(item) for item in items]
+    names = [m.name for m in chosen]
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise ConfigError(f"PTQ method list {','.join(names)} names {', '.join(repeated)} twice; name each method "
+                          "once.")
+    for m in chosen:
+        if m.stage not in STAGES:
+            raise ConfigError(f"PTQ method {m.name!r} declares stage {m.stage!r}; a stage is one of {STAGES}.")
+    stages = [STAGES.index(m.stage) for m in chosen]
+    if stages != sorted(stages):
+        late = next(m for i, m in enumerate(chosen) if m.stage == "float" and i and stages[i - 1] > stages[i])
+        raise ConfigError(
+            f"PTQ method list {','.join(names)}: {late.name} rewrites the float weights, so it must come before the "
+            f"methods that work on calibrated qparams ({', '.join(m.name for m in chosen if m.stage != 'float')}); "
+            f"put it first, e.g. {','.join(sorted(names, key=lambda n: stages[names.index(n)]))}."
+        )
+    if config is not None:
+        if len(chosen) != 1:
+            raise ConfigError(f"a config object configures one method, but {','.join(names)} names {len(chosen)}; "
+                              "pass options as keywords (name.option=value for one method) instead.")
+        return [(chosen[0], chosen[0].make_config(config, **overrides))]
+    per_method: dict[str, dict[str, Any]] = {n: {} for n in names}
+    for key, value in overrides.items():
+        target, dot, option = key.rpartition(".")
+        if dot:
+            if target not in per_method:
+                raise ConfigError(f"option {key!r} is for PTQ method {target!r}, which is not among {','.join(names)}.")
+            per_method[target][option] = value
+            continue
+        owners = [m.name for m in chosen if option in {f.name for f in dataclasses.fields(m.Config)}]
+        if len(chosen) == 1:
+            owners = [chosen[0].name]  # its make_config names the unknown option and lists the known ones
+        if not owners:
+            known = "; ".join(f"{m.name}: {sorted(f.name for f in dataclasses.fields(m.Config))}" for m in chosen)
+            raise ConfigError(f"no PTQ method of {','.join(names)} has an option {option!r}; their options are "
+                              f"{known}.")
+        for owner in owners:
+            per_method[owner][option] = value
+    return [(m, m.make_config(**per_method[m.name])) for m in chosen]
+
+
 def ptq(
     qmodel: nn.Module,
-    method: str | PTQMethod,
+    method: str | PTQMethod | Sequence[str | PTQMethod],
     data: Any,
     config: Any = None,
     *,
@@ -86,29 +164,36 @@ def ptq(
     progress: bool = True,
     **overrides: Any,
 ) -> nn.Module:
-    """Apply a registered PTQ method to a calibrated prepared model (in place; also returned).
+    """Apply registered PTQ methods to a prepared model, in order (in place; also returned).
 
     Args:
-        method: a name (``"adaround"``, ``"brecq"``, ``"qdrop"``) or a PTQMethod.
+        method: a name (``"adaround"``, ``"brecq"``, ``"qdrop"``, ``"cle"``, ``"bias_correction"``), a comma-separated
+            list of names run in that order (``"cle,bias_correction,adaround"``), a PTQMethod or a list of them.
+            Methods of the "float" stage (``cle``) come first; the model is calibrated again on ``data`` after them.
         data: calibration data, by ``mq.calibrate``'s rule (``mq_core.pipeline.calibrate.iter_batches``): a tensor
             ``[N, ...]`` of samples, a Dataset, a DataLoader or an iterable of batches (mq-algos'
             methods use every sample, so how a tensor is split into batches does not matter to them).
-        config: the method's ``Config``; or pass its fields as keyword ``overrides``.
+        config: the method's ``Config`` (a single method only); or pass options as keyword ``overrides``
+            (``iterations=500``, or ``adaround.iterations=500`` for one method of a list: ``ptq_plan``).
         num_batches: use at most this many batches.
     """
     prepare_info(qmodel)
-    chosen = get_ptq_method(method)
-    cfg = chosen.make_config(config, **overrides)
+    plan = ptq_plan(method, config, **overrides)
+    names = ",".join(m.name for m, _ in plan)
     missing = [n for n, fq in quantizers(qmodel).items() if not fq.is_calibrated]
-    if missing:
+    if missing and plan[0][0].stage != "float":
         raise CalibrationError(
-            f"{chosen.name} runs after calibration, but {len(missing)} quantizer(s) are uncalibrated "
+            f"{names} runs after calibration, but {len(missing)} quantizer(s) are uncalibrated "
             f"({', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}). Run mq.calibrate(qmodel, data) first."
         )
     batches = list(iter_batches(data, num_batches))
     if not batches:
-        raise CalibrationError(f"{chosen.name} needs calibration data; the data given is empty.")
+        raise CalibrationError(f"{names} needs calibration data; the data given is empty.")
     for index, batch in enumerate(batches, 1):
         model_inputs(qmodel, batch, index=index)  # wrong shapes fail here, not deep inside the method
-    chosen.apply(qmodel, batches, cfg, progress)
+    for position, (chosen, cfg) in enumerate(plan):
+        chosen.apply(qmodel, batches, cfg, progress)
+        following = plan[position + 1][0] if position + 1 < len(plan) else None
+        if chosen.stage == "float" and (following is None or following.stage != "float"):
+            calibrate(qmodel, batches, progress=progress)  # the float weights changed: every range is measured anew
     return qmodel
