@@ -31,7 +31,6 @@ import torch
 
 import mq_core as mq
 from mq_core.demo.digits import accuracy, load_digits, pretrained
-from mq_core.pipeline.workflow import RuntimeModule
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -73,15 +72,14 @@ def deployed_accuracy(result: mq.ExportResult, report: mq.VerificationReport, x:
                       y: torch.Tensor) -> tuple[float, str, str]:
     """Accuracy of the exported artifact itself, run by the first runtime that verified it.
 
-    ``runnables`` is how an exporter says "this is how my files run": for a QDQ ONNX it is the file as written;
-    for a ranges-file target (SNPE encodings, Tengine scale table, ...) it is the float ONNX with Q/DQ rebuilt
-    from the file *as written*. ``RuntimeModule`` makes it callable like a torch model, so the same accuracy
-    function measures the float model, the simulation and the deployed artifact.
+    ``mq.RuntimeModule`` runs an artifact the way its exporter says its files run: for a QDQ ONNX the file as
+    written; for a ranges-file target (SNPE encodings, Tengine scale table, ...) the float ONNX with Q/DQ rebuilt
+    from the file *as written*. It is callable like a torch model, so the same accuracy function measures the
+    float model, the simulation and the deployed artifact.
     """
-    runnables = {r.artifact: r for r in mq.get_exporter(result.exporter).runnables(result)}
     check = report.checks[0]
-    runtime = mq.get_runtime(check.runtime)
-    return accuracy(RuntimeModule(runtime, runnables[check.artifact].model), x, y), check.artifact, runtime.name
+    deployed = mq.RuntimeModule(result, check.runtime, artifact=check.artifact)
+    return accuracy(deployed, x, y), check.artifact, check.runtime
 
 
 def main(argv: list[str] | None = None) -> int:

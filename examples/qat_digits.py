@@ -32,7 +32,6 @@ import torch.nn.functional as F
 
 import mq_core as mq
 from mq_core.demo.digits import ARCHITECTURES, accuracy, load_digits, pretrained
-from mq_core.pipeline.workflow import RuntimeModule
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -127,8 +126,8 @@ def main(argv: list[str] | None = None) -> int:
     verify_inputs = data.x_test[:args.verify_samples]
     report = mq.verify(result, (verify_inputs,), runtimes=args.runtime)
     check = report.checks[0]
-    runnable = next(r for r in mq.get_exporter(result.exporter).runnables(result) if r.artifact == check.artifact)
-    deployed_acc = accuracy(RuntimeModule(mq.get_runtime(check.runtime), runnable.model), data.x_test, data.y_test)
+    deployed = mq.RuntimeModule(result, check.runtime, artifact=check.artifact)
+    deployed_acc = accuracy(deployed, data.x_test, data.y_test)
 
     print(f"QAT of the digits {args.arch} for backend {backend.name!r}")
     print(f"qconfig: {qconfig.name} (weights {qconfig.weight.scheme.describe()} {qconfig.weight.fake_quantizer}, "

@@ -49,7 +49,7 @@ if TYPE_CHECKING:
     from mq_core.hookspecs import Register, RegisterQATModule, hookimpl
     from mq_core.nn.bn_fold import bn_scale_factor, channel_view
     from mq_core.nn.qat import QATBnModule, QATModule
-    from mq_core.pipeline.calibrate import num_inputs, run_batch
+    from mq_core.pipeline.calibrate import model_inputs, num_inputs, run_batch
     from mq_core.pipeline.prepare import prepare_info
     from mq_core.pipeline.ptq import PTQMethod
     from mq_core.pipeline.resolve import resolve_qconfig
@@ -133,6 +133,7 @@ __all__ = [
     "input_placement",
     "int8_may_saturate",
     "make_node",
+    "model_inputs",
     "num_inputs",
     "output_placement",
     "prepare_info",
@@ -195,6 +196,7 @@ _HOMES: dict[str, tuple[str, str]] = {
     "channel_view": ("mq_core.nn.bn_fold", "channel_view"),
     "QATBnModule": ("mq_core.nn.qat", "QATBnModule"),
     "QATModule": ("mq_core.nn.qat", "QATModule"),
+    "model_inputs": ("mq_core.pipeline.calibrate", "model_inputs"),
     "num_inputs": ("mq_core.pipeline.calibrate", "num_inputs"),
     "run_batch": ("mq_core.pipeline.calibrate", "run_batch"),
     "prepare_info": ("mq_core.pipeline.prepare", "prepare_info"),

@@ -13,17 +13,16 @@ import numbers
 import sys
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
-import torch
-from torch import nn
 
-from mq_core.cli.loading import build_model, calibration_batches, load_object, parse_key_value
+from mq_core.cli.options import DEVICE, Names, Shape, is_quiet, verbosity_options
 from mq_core.errors import ConfigError, MQError, describe_exception
-from mq_core.pipeline.workflow import QuantizeSummary, RuntimeModule, quantize_for_backends
-from mq_core.plugins.lookup import get_ptq_method, list_backends
-from mq_core.text import render_table
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -34,7 +33,8 @@ DEFAULT_BACKEND = "qdq"
 DEMO_MODEL_REF = "mq_core.demo.digits:DigitsCNN"
 #: Keys a --config TOML file may hold (the long option names, with - or _).
 CONFIG_KEYS = {"model", "weights", "calib", "eval", "backend", "qconfig", "method", "method_options", "out",
-               "batch_size", "num_batches", "image_size", "module", "skip", "leaf_module", "quiet"}
+               "batch_size", "num_batches", "image_size", "module", "skip", "leaf_module", "quiet", "observer",
+               "device", "input_shape", "capture"}
 #: The TOML value types an option's click type takes besides a string (which is converted as on the command line).
 _NATIVE_TYPES: tuple[tuple[type[click.ParamType], type | tuple[type, ...], str], ...] = (
     (click.types.BoolParamType, bool, "true or false"),
@@ -72,16 +72,21 @@ def _toml(value: Any) -> str:
     return json.dumps(value, default=str)
 
 
+def _long(option: click.Option) -> str:
+    """The option's long name (``--quiet`` rather than ``-q``), as the TOML key spells it."""
+    return next((o for o in option.opts if o.startswith("--")), option.opts[0])
+
+
 def _config_item(ctx: click.Context, option: click.Option, path: str, key: str, value: Any) -> Any:
     """One TOML value through the option's own click type, so the file is checked exactly like the flag: a string
     is converted as if typed on the command line, any other value must already be of the option's type."""
     native, wanted = next(((t, w) for cls, t, w in _NATIVE_TYPES if isinstance(option.type, cls)), (str, "a string"))
     if not isinstance(value, (str, native)) or (isinstance(value, bool) and native is not bool):
-        raise ConfigError(f"--config {path}: {key} = {_toml(value)} must be {wanted} (it sets {option.opts[0]}).")
+        raise ConfigError(f"--config {path}: {key} = {_toml(value)} must be {wanted} (it sets {_long(option)}).")
     try:
         return option.type.convert(value, option, ctx)
     except click.BadParameter as exc:
-        raise ConfigError(f"--config {path}: {key} = {_toml(value)} is not valid for {option.opts[0]}: "
+        raise ConfigError(f"--config {path}: {key} = {_toml(value)} is not valid for {_long(option)}: "
                           f"{exc.message}") from exc
 
 
@@ -89,13 +94,13 @@ def _config_value(ctx: click.Context, option: click.Option, path: str, key: str,
     if not option.multiple:
         if isinstance(value, (list, dict)):
             raise ConfigError(f"--config {path}: {key} = {_toml(value)} must be a single value (it sets "
-                              f"{option.opts[0]}).")
+                              f"{_long(option)}).")
         return _config_item(ctx, option, path, key, value)
     if isinstance(value, str):  # skip = "fc" means ["fc"], as one --skip fc does
         return (_config_item(ctx, option, path, key, value),)
     if not isinstance(value, list):
         raise ConfigError(f"--config {path}: {key} = {_toml(value)} must be a string or a list of strings (it sets "
-                          f"{option.opts[0]}, which is repeatable).")
+                          f"{_long(option)}, which is repeatable).")
     return tuple(_config_item(ctx, option, path, f"{key}[{i}]", item) for i, item in enumerate(value))
 
 
@@ -127,6 +132,8 @@ def _demo(progress: bool) -> tuple[nn.Module, list[Any], Callable[[nn.Module], f
 
 
 def _evaluated(model: nn.Module) -> str:
+    from mq_core.pipeline.runtime_module import RuntimeModule
+
     if isinstance(model, RuntimeModule):
         return f"the exported artifact running in {model.runtime.name}"
     return "the quantized simulation" if hasattr(model, "mq_info") else "the float model"
@@ -137,6 +144,10 @@ def _eval_function(ref: str | None) -> Callable[[nn.Module], float] | None:
     finite number (NaN included: an accuracy is never NaN, so it is a bug in the function), is a ConfigError."""
     if ref is None:
         return None
+    import torch
+
+    from mq_core.cli.loading import load_object
+
     fn = load_object(ref, "eval")
     if not callable(fn):
         raise ConfigError(f"--eval {ref!r} is not callable; it must be a function taking the model, returning a float.")
@@ -158,62 +169,6 @@ def _eval_function(ref: str | None) -> Callable[[nn.Module], float] | None:
     return evaluate
 
 
-def _fmt(value: float | None) -> str:
-    return "-" if value is None else f"{value:.2f}%"
-
-
-def render_summary(summary: QuantizeSummary, title: str) -> str:
-    lines = [title]
-    if summary.float_accuracy is not None:
-        lines.append(f"float accuracy: {summary.float_accuracy:.2f}%")
-    rows = []
-    for o in summary.outcomes:
-        if o.error:
-            rows.append([o.backend, "-", "-", "-", "-", "error", "-", "FAIL"])
-            continue
-        deployed = _fmt(o.deployed_accuracy) + (f" ({o.deployed_runtime})" if o.deployed_runtime else "")
-        agreement = "; ".join(f"{runtime} {steps:.3g} ({100 * exact:.1f}% exact)"
-                              for runtime, (steps, exact) in o.agreement().items())
-        rows.append([o.backend, o.qconfig + (f" + {o.method}" if o.method else ""), _fmt(o.sim_accuracy), deployed,
-                     agreement, str(len([a for r in o.results.values() for a in r.artifacts])),
-                     f"{sum(o.timings.values()):.1f}s", "PASS" if o.passed else "FAIL"])
-    lines.append(render_table(["backend", "qconfig", "simulated acc", "deployed acc (runtime)",
-                               "sim vs runtime: max steps (exact)",
-                               "artifacts", "time", "result"], rows))
-    for o in summary.outcomes:
-        if o.error:
-            lines.append(f"\n{o.backend}: {o.error}")
-            continue
-        lines.append(f"\n{o.backend}: checkpoint {o.checkpoint}")
-        for result in o.results.values():
-            for artifact in result.artifacts:
-                lines.append(f"  {result.exporter:<16} {artifact.kind:<22} {artifact.path}")
-        lines.append("  timings: " + ", ".join(f"{k} {v:.1f}s" for k, v in o.timings.items()))
-        lines.extend(f"  note: {note}" for note in o.notes)
-        for exporter, report in o.reports.items():
-            if not report.passed:
-                lines.append(f"  verification of {exporter} FAILED:\n" + report.table())
-    lines.append("\n" + ("PASS: every artifact agrees with the simulation within tolerance." if summary.passed
-                         else "FAIL: see above."))
-    return "\n".join(lines)
-
-
-def _summary_json(summary: QuantizeSummary) -> dict[str, Any]:
-    return {
-        "passed": summary.passed,
-        "float_accuracy": summary.float_accuracy,
-        "out_dir": str(summary.out_dir),
-        "backends": [
-            {"backend": o.backend, "qconfig": o.qconfig, "method": o.method, "passed": o.passed, "error": o.error,
-             "simulated_accuracy": o.sim_accuracy, "deployed_accuracy": o.deployed_accuracy,
-             "deployed_runtime": o.deployed_runtime, "checkpoint": str(o.checkpoint) if o.checkpoint else None,
-             "artifacts": {e: [str(a.path) for a in r.artifacts] for e, r in o.results.items()},
-             "verification": {e: r.to_dict() for e, r in o.reports.items()}, "timings": o.timings}
-            for o in summary.outcomes
-        ],
-    }
-
-
 @click.command("quantize")
 @click.option("--model", help="Float model factory 'pkg.module:factory' returning an nn.Module (default: the "
                                "built-in digits CNN demo).")
@@ -221,10 +176,14 @@ def _summary_json(summary: QuantizeSummary) -> dict[str, Any]:
 @click.option("--calib", help="Calibration data: a .pt/.npy tensor [N, ...], a folder of images, or "
                               "'pkg.module:loader_factory'. Required with --model.")
 @click.option("--eval", "eval_ref", help="Accuracy function 'pkg.module:fn'; fn(model) -> float (percent).")
-@click.option("--backend", default=DEFAULT_BACKEND, show_default=True,
+@click.option("--backend", default=DEFAULT_BACKEND, show_default=True, type=Names("backend", extra=("all",)),
               help="Target backend name, or 'all' for every installed backend.")
-@click.option("--qconfig", help="Qconfig preset (e.g. w8a8, w4a4, reduce-range; see docs).")
-@click.option("--method", help="PTQ method after calibration (adaround, brecq, qdrop; needs mq-algos).")
+@click.option("--qconfig", type=Names("qconfig"), help="Qconfig preset (e.g. w8a8, w4a4, reduce-range; see docs).")
+@click.option("--observer", type=Names("observer"),
+              help="Observer that calibrates the activations: minmax, percentile, mse, kl (default: the qconfig's).")
+@click.option("--method", type=Names("ptq_method"),
+              help="PTQ method, or several comma-separated, run in order (cle, bias_correction, adaround, brecq, "
+                   "qdrop; needs mq-algos), e.g. cle,bias_correction,adaround.")
 @click.option("--method-option", "method_option", multiple=True,
               help="PTQ method option key=value, e.g. iterations=500 (repeatable; see docs/algorithms.md).")
 @click.option("--out", default="mq-out", show_default=True, type=click.Path(file_okay=False),
@@ -238,24 +197,38 @@ def _summary_json(summary: QuantizeSummary) -> dict[str, Any]:
 @click.option("--module", multiple=True, help="Quantize only this sub-module (repeatable).")
 @click.option("--skip", multiple=True, help="Leave this layer in float (module name; repeatable).")
 @click.option("--leaf-module", multiple=True, help="Do not trace into this module (name; repeatable).")
+@click.option("--capture", type=click.Choice(["auto", "fx", "export"]), default="auto", show_default=True,
+              help="Capture front-end: torch.fx, torch.export (HuggingFace transformers), or fx falling back to "
+                   "torch.export.")
+@click.option("--device", type=DEVICE,
+              help="Where to calibrate (and run a PTQ method): cpu or cuda; batches are moved there. Export, "
+                   "verification and evaluation run on the CPU.")
+@click.option("--input-shape", "input_shape", type=Shape(), multiple=True,
+              help="Shape of the example input the model is traced and exported with, batch first, e.g. 1,3,224,224 "
+                   "(one per model input; default: the first calibration batch's).")
 @click.option("--config", type=click.Path(exists=True, dir_okay=False), help="TOML file with the same keys.")
-@click.option("--quiet", is_flag=True, help="No progress bars.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+@verbosity_options(expose_quiet=True)
 @click.pass_context
 def quantize_command(ctx: click.Context, **params: Any) -> None:
     """Quantize a model for a target, export its artifacts, verify them in real runtimes, report accuracy.
 
     Exit status: 0 when every artifact agrees with the simulation, 1 when verification fails, 2 on bad input.
     """
+    from mq_core.cli.loading import build_model, calibration_batches, parse_key_value
+    from mq_core.pipeline.ptq import ptq_plan
+    from mq_core.pipeline.workflow import quantize_for_backends
+    from mq_core.plugins.lookup import list_backends
+
     p = _merge(ctx, params)
-    progress = not p["quiet"] and not p["as_json"]
+    progress = not (p["quiet"] or is_quiet(ctx) or p["as_json"])
     method_options = dict(p.get("method_options") or {})
     method_options.update(parse_key_value(o, "--method-option values") for o in p["method_option"])
     if method_options and not p["method"]:
         raise ConfigError(f"PTQ method options {sorted(method_options)} were given without --method; name the "
                           "method they are for (adaround, brecq or qdrop).")
     if p["method"]:  # unknown methods and bad options fail now, not after training the model and calibrating
-        get_ptq_method(p["method"]).make_config(**method_options)
+        ptq_plan(p["method"], **method_options)
     calib: Iterable[Any]
     if p["model"] is not None:
         if p["calib"] is None:
@@ -277,12 +250,13 @@ def quantize_command(ctx: click.Context, **params: Any) -> None:
         title, model_ref = "mq quantize: built-in demo (DigitsCNN on scikit-learn digits)", DEMO_MODEL_REF
     backends = list_backends() if p["backend"] == "all" else [p["backend"]]
     summary = quantize_for_backends(
-        model, backends, calib, p["out"], eval_fn=eval_fn, keep_going=p["backend"] == "all",
-        qconfig=p["qconfig"], method=p["method"], method_options=method_options or None,
-        verify_inputs=verify_inputs, model_ref=model_ref, progress=progress,
+        model, backends, calib, p["out"], eval_fn=eval_fn, keep_going=p["backend"] == "all", device=p["device"],
+        progress=progress, qconfig=p["qconfig"], observer=p["observer"], method=p["method"],
+        method_options=method_options or None, input_shapes=list(p["input_shape"]) or None,
+        verify_inputs=verify_inputs, model_ref=model_ref,
         prepare_options={"modules": list(p["module"]) or None, "skip": list(p["skip"]),
-                         "leaf_modules": list(p["leaf_module"])},
+                         "leaf_modules": list(p["leaf_module"]), "capture": p["capture"]},
     )
-    click.echo(json.dumps(_summary_json(summary), indent=2) if p["as_json"] else render_summary(summary, title))
+    click.echo(json.dumps(summary.to_dict(), indent=2) if p["as_json"] else summary.table(title))
     if not summary.passed:
         raise SystemExit(1)

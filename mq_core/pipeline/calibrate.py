@@ -15,7 +15,7 @@ from __future__ import annotations
 import inspect
 import itertools
 import logging
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import numpy as np
@@ -150,15 +150,17 @@ def _check_input(position: int, value: Any, spec: dict[str, Any] | None) -> None
             f"{prepared} there. Pass tensors shaped like the example inputs."
         )
     got = list(value.shape)
-    if len(got) != len(shape) or got[1:] != shape[1:]:
+    dynamic = {int(d): name for d, name in spec.get("dynamic", {0: "batch"}).items()}
+    if len(got) != len(shape) or any(g != e for d, (g, e) in enumerate(zip(got, shape)) if d not in dynamic):
         hint = ""
         if got == shape[1:]:
             hint = (" It looks like one sample without its batch dimension: stack samples into batches, or pass a "
                     "Dataset of samples.")
+        which = " and ".join(f"{name} (dim {d})" for d, name in sorted(dynamic.items()))
         raise CalibrationError(
             f"input {position} of the batch has shape {got}, but the model was prepared with an {prepared}; only the "
-            f"first (batch) dimension may differ.{hint} Pass data shaped like the example inputs, or prepare the "
-            "model with example inputs of your data's shape."
+            f"dynamic dimensions may differ: {which}.{hint} Pass data shaped like the example inputs, or prepare "
+            "the model with example inputs of your data's shape."
         )
     if _kind(value.dtype) != _kind(dtype):
         raise CalibrationError(
@@ -184,7 +186,8 @@ def model_inputs(
 
     For a prepared model every input that was a tensor at prepare time is then checked against that example input:
     the same number of dimensions, the same size in every dimension but the first (the batch dimension, the only
-    one that may differ: mq has no other dynamic dimensions), and the same dtype - except that integer inputs
+    one that may differ, and with torch.export capture also the sequence dimension of integer inputs:
+    ``PrepareInfo.inputs[i]["dynamic"]``), and the same dtype - except that integer inputs
     (token ids) may differ in width. A mismatch raises ``CalibrationError`` naming both shapes, before the model
     runs; with ``index`` the message starts "calibration batch <index>: ".
     """
@@ -246,10 +249,11 @@ def run_batch(model: nn.Module, batch: Any, n_inputs: int | None = None) -> Any:
 
 def calibrate(
     model: nn.Module,
-    data: Any,
+    data: Any = None,
     num_batches: int | None = None,
     progress: bool = True,
     *,
+    forward_loop: Callable[[nn.Module], Any] | None = None,
     batch_size: int = DEFAULT_BATCH_SIZE,
     accumulate: bool = False,
     sync: bool = True,
@@ -261,6 +265,10 @@ def calibrate(
         data: calibration data (``iter_batches``): a tensor ``[N, ...]`` of samples, a Dataset, a DataLoader, or an
             iterable of batches; each batch a tensor, an ``(inputs, target)`` tuple or a dict (``model_inputs``).
         num_batches: stop after this many batches (default: all).
+        forward_loop: instead of ``data``, a function that runs the calibration data through the model it is given,
+            ``forward_loop(model)`` (as in NVIDIA ModelOpt): mq calls it once with the prepared model, observers on
+            and gradients off, and freezes qparams when it returns. It must call the model at least once; each call's
+            positional tensor inputs are checked against the example inputs like a batch of ``data``.
         progress: show a tqdm progress bar.
         batch_size: samples per batch when ``data`` is a tensor or a Dataset.
         accumulate: keep the statistics the observers already hold and add this data to them. By default every
@@ -290,12 +298,20 @@ def calibrate(
     if not isinstance(model, nn.Module):
         raise ConfigError(f"calibrate() needs the prepared model (an nn.Module), got {type(model).__name__}.")
     prepare_info(model)
+    if forward_loop is not None:
+        if data is not None or num_batches is not None:
+            raise ConfigError("calibrate() got both a forward_loop and data (or num_batches); pass one source of "
+                              "calibration: the data, or a forward_loop that runs it through the model.")
+        if not callable(forward_loop):
+            raise ConfigError(f"forward_loop must be a function taking the model, got {type(forward_loop).__name__}.")
     for name, flag in (("accumulate", accumulate), ("sync", sync)):
         if not isinstance(flag, bool):
             raise ConfigError(f"{name} must be True or False, got {flag!r}.")
     group = _sync_group(sync, process_group)
     agreement = _Agreement(group)
     try:
+        if forward_loop is not None:
+            return _calibrate_with(model, lambda: _run_loop(model, forward_loop), accumulate, group, agreement)
         return _calibrate(model, data, num_batches, progress, batch_size, accumulate, group, agreement)
     except BaseException:
         agreement.fail()
@@ -370,27 +386,69 @@ def _calibrate(model: nn.Module, data: Any, num_batches: int | None, progress: b
             "or list of batches (a few hundred representative samples are usually enough)."
         )
     model_inputs(model, first, index=1)  # a bad first batch leaves the model as it was
+    return _calibrate_with(model, lambda: _run_batches(model, itertools.chain([first], stream), total, progress),
+                           accumulate, group, agreement)
 
+
+def _run_batches(model: nn.Module, batches: Iterator[Any], total: int | None, progress: bool) -> int:
+    """Every batch through ``model`` (observers on); the number of batches."""
+    seen = 0
+    for seen, batch in enumerate(tqdm(batches, total=total, desc="calibrate", unit="batch", disable=not progress,
+                                      leave=False), 1):
+        args, kwargs = model_inputs(model, batch, index=seen)
+        try:
+            model(*args, **kwargs)
+        except MQError:
+            raise
+        except Exception as exc:
+            raise CalibrationError(
+                f"the model raised {type(exc).__name__} on calibration batch {seen}: {exc}. Check that the "
+                "float model runs on that batch."
+            ) from exc
+    return seen
+
+
+def _run_loop(model: nn.Module, forward_loop: Callable[[nn.Module], Any]) -> int:
+    """``forward_loop(model)``, each call's tensor inputs checked like a batch; the number of calls."""
+    info = prepare_info(model)
+    calls = 0
+
+    def check(module: nn.Module, args: tuple[Any, ...]) -> None:
+        nonlocal calls
+        calls += 1
+        for position, value in enumerate(args[: len(info.inputs)]):
+            try:
+                _check_input(position, value, info.inputs[position])
+            except CalibrationError as exc:
+                raise CalibrationError(f"forward_loop's call {calls} of the model: {exc}") from None
+
+    handle = model.register_forward_pre_hook(check)
+    try:
+        forward_loop(model)
+    except MQError:
+        raise
+    except Exception as exc:
+        raise CalibrationError(f"forward_loop raised {describe_exception(exc)} (after {calls} call(s) of the model). "
+                               "Check that it runs on the prepared model it is given.") from exc
+    finally:
+        handle.remove()
+    if calls == 0:
+        raise CalibrationError("forward_loop returned without calling the model it was given, so no observer saw "
+                               "any data; it must call model(batch) on the calibration batches.")
+    return calls
+
+
+def _calibrate_with(model: nn.Module, run: Callable[[], int], accumulate: bool, group: dist.ProcessGroup | None,
+                    agreement: _Agreement) -> nn.Module:
+    """Observers on, ``run()`` the data through the model without gradients, merge across ranks, freeze."""
     was_training = model.training
     try:
         if not accumulate or (group is not None and dist.get_rank(group) != 0):
             reset_calibration(model)
         enable_calibration(model)
         model.eval()
-        seen = 0
         with torch.no_grad():
-            for seen, batch in enumerate(tqdm(itertools.chain([first], stream), total=total, desc="calibrate",
-                                              unit="batch", disable=not progress, leave=False), 1):
-                args, kwargs = model_inputs(model, batch, index=seen)
-                try:
-                    model(*args, **kwargs)
-                except MQError:
-                    raise
-                except Exception as exc:
-                    raise CalibrationError(
-                        f"the model raised {type(exc).__name__} on calibration batch {seen}: {exc}. Check that the "
-                        "float model runs on that batch."
-                    ) from exc
+            seen = run()
         model.train(was_training)
         log.info("calibrated on %d batches", seen)
         if group is not None:

@@ -1,8 +1,12 @@
 """The main job end to end: float model -> prepared -> calibrated (-> PTQ) -> exported -> verified -> evaluated.
 
-``mq quantize`` is a thin shell around ``quantize_for_backends``; Python users can call it directly. For every
-backend it reports the float, simulated and deployed (real runtime) accuracy, the simulation-vs-runtime agreement
-in quantization steps, the artifacts and the time each stage took.
+``mq quantize`` and ``mq.quantize`` are thin shells around ``quantize_for_backends``. For every backend it reports
+the float, simulated and deployed (real runtime) accuracy, the simulation-vs-runtime agreement in quantization
+steps, the artifacts and the time each stage took.
+
+Devices: the float model is traced where it is; with ``device`` the prepared model is moved there for calibration
+and PTQ, and every calibration batch is moved to the prepared model's device. Export, verification and evaluation
+run on the CPU (the runtimes that check the artifacts are CPU runtimes), so the prepared model ends on the CPU.
 """
 
 from __future__ import annotations
@@ -10,54 +14,42 @@ from __future__ import annotations
 import inspect
 import logging
 import math
+import sys
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import onnx
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
 from mq_core.checkpoint import save_checkpoint
-from mq_core.errors import CalibrationError, MQError, VerificationError
+from mq_core.errors import CalibrationError, ConfigError, MQError, VerificationError, describe_exception
 from mq_core.export import ExportResult
 from mq_core.export.manifest import is_export_folder
 from mq_core.io import check_replaceable, check_writable, staged_directory
-from mq_core.pipeline.calibrate import calibrate, model_inputs
+from mq_core.pipeline.calibrate import DEFAULT_BATCH_SIZE, calibrate, iter_batches, model_inputs
 from mq_core.pipeline.export import export_many
 from mq_core.pipeline.prepare import prepare, prepare_info
 from mq_core.pipeline.ptq import ptq
-from mq_core.pipeline.verify import VerificationReport, feeds, select_runtimes, verify
-from mq_core.plugins.lookup import get_backend, get_exporter
-from mq_core.runtimes import isolation
+from mq_core.pipeline.resolve import resolve_qconfig
+from mq_core.pipeline.runs import select_runtimes
+from mq_core.pipeline.runtime_module import RuntimeModule
+from mq_core.pipeline.verify import VerificationReport, verify
+from mq_core.plugins.lookup import get_backend, get_exporter, get_observer, list_backends
+from mq_core.quant.qconfig import QConfig, QConfigPreset
+from mq_core.text import render_table
 
 log = logging.getLogger(__name__)
 
 EvalFn = Callable[[nn.Module], float]
+ForwardLoop = Callable[[nn.Module], Any]
 #: The prepared model's checkpoint in each backend folder, beside one folder per exporter.
 CHECKPOINT = "qmodel.pt"
 #: What a run may replace (see ``mq_core.io.check_replaceable``).
 BACKEND_FOLDER = "a backend folder of `mq quantize` (no qmodel.pt or export written by mq)"
-
-
-class RuntimeModule(nn.Module):
-    """An exported artifact running in a real runtime, callable like the model (for accuracy functions).
-
-    The runtime runs in its worker process (``mq_core.runtimes.isolation``): a crash raises ``RuntimeCrashError``
-    instead of ending the caller. Inputs keep their dtypes (as the graph declares them)."""
-
-    def __init__(self, runtime: Any, model: onnx.ModelProto) -> None:
-        super().__init__()
-        self.runtime = runtime
-        self.model = model
-
-    def forward(self, *inputs: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
-        given = feeds(self.model, inputs)
-        outputs = [torch.from_numpy(o) for o in isolation.run(self.runtime, self.model, given, "the exported model")]
-        return outputs[0] if len(outputs) == 1 else tuple(outputs)
 
 
 @dataclass
@@ -75,6 +67,8 @@ class BackendOutcome:
     checkpoint: Path | None = None
     timings: dict[str, float] = field(default_factory=dict)
     error: str | None = None
+    #: the prepared, calibrated model (on the CPU); kept by ``mq.quantize``, dropped by ``mq quantize``
+    qmodel: nn.Module | None = field(default=None, repr=False, compare=False)
 
     @property
     def passed(self) -> bool:
@@ -98,9 +92,41 @@ class BackendOutcome:
         """The verification notes of every exporter's report, each once."""
         return list(dict.fromkeys(n for r in self.reports.values() for n in r.notes))
 
+    def export_result(self, exporter: str | None = None) -> ExportResult:
+        """One export of this backend: ``exporter``'s, by default the backend's default exporter's (else the
+        first); what ``mq.RuntimeModule(outcome)`` runs."""
+        if not self.results:
+            raise ConfigError(f"backend {self.backend} has no export ({self.error or 'it was not exported'}).")
+        if exporter is None:
+            default = get_backend(self.backend).default_exporter if self.backend in list_backends() else None
+            return self.results.get(default) or next(iter(self.results.values()))
+        if exporter not in self.results:
+            raise ConfigError(f"backend {self.backend} has no export by exporter {exporter!r}; it has "
+                              f"{', '.join(sorted(self.results))}.")
+        return self.results[exporter]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"backend": self.backend, "qconfig": self.qconfig, "method": self.method, "passed": self.passed,
+                "error": self.error, "simulated_accuracy": self.sim_accuracy,
+                "deployed_accuracy": self.deployed_accuracy, "deployed_runtime": self.deployed_runtime,
+                "checkpoint": str(self.checkpoint) if self.checkpoint else None,
+                "artifacts": {e: [str(a.path) for a in r.artifacts] for e, r in self.results.items()},
+                "verification": {e: r.to_dict() for e, r in self.reports.items()}, "timings": self.timings}
+
+
+def _percent(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}%"
+
 
 @dataclass
 class QuantizeSummary:
+    """The result of ``mq.quantize`` / ``mq quantize``: float accuracy, and per backend what was written, how the
+    artifacts verified and how accurate the simulation and the deployed artifact are.
+
+    For one backend (``mq.quantize``) its outcome's fields are also here: ``result.reports``,
+    ``result.results`` (exports by exporter name), ``result.artifacts``, ``result.checkpoint``.
+    """
+
     float_accuracy: float | None
     outcomes: list[BackendOutcome]
     out_dir: Path
@@ -109,13 +135,108 @@ class QuantizeSummary:
     def passed(self) -> bool:
         return bool(self.outcomes) and all(o.passed for o in self.outcomes)
 
+    @property
+    def backends(self) -> list[str]:
+        return [o.backend for o in self.outcomes]
+
+    @property
+    def outcome(self) -> BackendOutcome:
+        """The outcome of the only backend (an error when there are several: use ``outcomes``)."""
+        if len(self.outcomes) != 1:
+            raise ConfigError(f"this result covers {len(self.outcomes)} backends ({', '.join(self.backends)}); "
+                              "pick one from .outcomes.")
+        return self.outcomes[0]
+
+    @property
+    def results(self) -> dict[str, ExportResult]:
+        return self.outcome.results
+
+    def export_result(self, exporter: str | None = None) -> ExportResult:
+        """One export of the only backend (``BackendOutcome.export_result``)."""
+        if len(self.outcomes) != 1:
+            raise ConfigError(f"this result covers {len(self.outcomes)} backends ({', '.join(self.backends)}); pass "
+                              "the one to run, e.g. RuntimeModule(result.outcomes[0]).")
+        return self.outcomes[0].export_result(exporter)
+
+    @property
+    def reports(self) -> dict[str, VerificationReport]:
+        return self.outcome.reports
+
+    @property
+    def artifacts(self) -> list[Any]:
+        return [a for r in self.outcome.results.values() for a in r.artifacts]
+
+    @property
+    def checkpoint(self) -> Path | None:
+        return self.outcome.checkpoint
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready (``mq quantize --json``)."""
+        return {"passed": self.passed, "float_accuracy": self.float_accuracy, "out_dir": str(self.out_dir),
+                "backends": [o.to_dict() for o in self.outcomes]}
+
+    def table(self, title: str = "mq quantize") -> str:
+        """The summary ``mq quantize`` prints: one row per backend, then its checkpoint, artifacts, timings, notes
+        and any failed verification, and the verdict."""
+        lines = [title]
+        if self.float_accuracy is not None:
+            lines.append(f"float accuracy: {self.float_accuracy:.2f}%")
+        rows = []
+        for o in self.outcomes:
+            if o.error:
+                rows.append([o.backend, "-", "-", "-", "-", "error", "-", "FAIL"])
+                continue
+            deployed = _percent(o.deployed_accuracy) + (f" ({o.deployed_runtime})" if o.deployed_runtime else "")
+            agreement = "; ".join(f"{runtime} {steps:.3g} ({100 * exact:.1f}% exact)"
+                                  for runtime, (steps, exact) in o.agreement().items())
+            rows.append([o.backend, o.qconfig + (f" + {o.method}" if o.method else ""), _percent(o.sim_accuracy),
+                         deployed, agreement, str(len([a for r in o.results.values() for a in r.artifacts])),
+                         f"{sum(o.timings.values()):.1f}s", "PASS" if o.passed else "FAIL"])
+        lines.append(render_table(["backend", "qconfig", "simulated acc", "deployed acc (runtime)",
+                                   "sim vs runtime: max steps (exact)", "artifacts", "time", "result"], rows))
+        for o in self.outcomes:
+            if o.error:
+                lines.append(f"\n{o.backend}: {o.error}")
+                continue
+            lines.append(f"\n{o.backend}: checkpoint {o.checkpoint}")
+            for result in o.results.values():
+                for artifact in result.artifacts:
+                    lines.append(f"  {result.exporter:<16} {artifact.kind:<22} {artifact.path}")
+            lines.append("  timings: " + ", ".join(f"{k} {v:.1f}s" for k, v in o.timings.items()))
+            lines.extend(f"  note: {note}" for note in o.notes)
+            for exporter, report in o.reports.items():
+                if report.layers is not None:
+                    lines.append(f"  layer-wise ({exporter}):")
+                    lines.extend(f"    {line}" for line in report.layers.summary_lines())
+            for exporter, report in o.reports.items():
+                if not report.passed:
+                    lines.append(f"  verification of {exporter} FAILED:\n" + report.table())
+        lines.append("\n" + ("PASS: every artifact agrees with the simulation (within tolerance, or drift with "
+                              "every op within one step locally)." if self.passed else "FAIL: see above."))
+        return "\n".join(lines)
+
+
+def _stderr_is_terminal() -> bool:
+    isatty = getattr(sys.stderr, "isatty", None)
+    return bool(isatty and isatty())
+
 
 class _Stages:
-    """Times each stage and advances one progress bar per backend (prepare, calibrate, PTQ, export, verify ...)."""
+    """Times each stage of one backend and shows progress: in a terminal a bar per backend, with the calibration
+    and PTQ bars nested under it; elsewhere (a log file, CI) one line per finished stage, since bars redrawn with
+    carriage returns are unreadable there."""
 
     def __init__(self, backend: str, stages: list[str], timings: dict[str, float], progress: bool) -> None:
+        self.backend = backend
         self.timings = timings
-        self.bar = tqdm(total=len(stages), desc=backend, unit="stage", disable=not progress, leave=False)
+        self.lines = progress and not _stderr_is_terminal()
+        self.bar = tqdm(total=len(stages), desc=backend, unit="stage", disable=not progress or self.lines,
+                        leave=False)
+
+    @property
+    def inner_progress(self) -> bool:
+        """Whether the steps inside a stage (calibration, PTQ) show bars of their own."""
+        return not self.bar.disable
 
     def run(self, stage: str, fn: Callable[[], Any]) -> Any:
         self.bar.set_postfix_str(stage)
@@ -125,9 +246,104 @@ class _Stages:
         finally:
             self.timings[stage] = time.perf_counter() - start
             self.bar.update()
+            if self.lines:
+                tqdm.write(f"{self.backend}: {stage} {self.timings[stage]:.1f}s", file=sys.stderr)
 
     def close(self) -> None:
         self.bar.close()
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device | None:
+    """``device`` as a torch.device (None stays None: the model's own); a ConfigError when torch cannot use it."""
+    if device is None:
+        return None
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ConfigError(f"device {device!r} is not a torch device ({describe_exception(exc)}); use 'cpu' or "
+                          "'cuda' (or 'cuda:N').") from None
+    if resolved.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device {device!r} was asked for, but torch {torch.__version__} sees no CUDA device "
+                              f"(built with CUDA {torch.version.cuda or 'none: a CPU-only build'}); use 'cpu', or "
+                              "install a CUDA build of torch on a machine with an NVIDIA GPU.")
+        if resolved.index is not None and resolved.index >= torch.cuda.device_count():
+            raise ConfigError(f"device {device!r}: torch sees {torch.cuda.device_count()} CUDA device(s), numbered "
+                              "from 0.")
+    elif resolved.type != "cpu":
+        raise ConfigError(f"device {device!r}: mq calibrates on 'cpu' or 'cuda' devices only.")
+    return resolved
+
+
+def to_device(batch: Any, device: torch.device) -> Any:
+    """``batch`` with every tensor in it (inside tuples, lists and dicts) moved to ``device``."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device)
+    if isinstance(batch, Mapping):
+        return {key: to_device(value, device) for key, value in batch.items()}
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(to_device(item, device) for item in batch)
+    return batch
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """Where a model's parameters (else its buffers) live; the CPU for a model with neither."""
+    tensor = next(model.parameters(), None)
+    if tensor is None:
+        tensor = next(model.buffers(), None)
+    return tensor.device if tensor is not None else torch.device("cpu")
+
+
+class CalibrationData:
+    """Calibration data as ``mq.calibrate`` reads it (``iter_batches``: a tensor ``[N, ...]`` split into batches, a
+    Dataset batched, any other iterable one batch per item), re-iterable: the workflow reads it once per stage and
+    backend. With ``device``, each batch is moved there as it is read."""
+
+    def __init__(self, data: Any, batch_size: int = DEFAULT_BATCH_SIZE, num_batches: int | None = None,
+                 device: torch.device | None = None) -> None:
+        if isinstance(data, Iterator):
+            raise CalibrationError("calibration data is a one-shot iterator (a generator?), but it is read more than "
+                                   "once; pass a list of batches, a DataLoader or another re-iterable object.")
+        iter_batches(data, num_batches, batch_size)  # bad data or options fail now, before any model work
+        self.data, self.batch_size, self.num_batches, self.device = data, batch_size, num_batches, device
+
+    def __iter__(self) -> Iterator[Any]:
+        for batch in iter_batches(self.data, self.num_batches, self.batch_size):
+            yield batch if self.device is None else to_device(batch, self.device)
+
+    def on(self, device: torch.device | None) -> CalibrationData:
+        """The same data, moved to ``device`` as it is read."""
+        return CalibrationData(self.data, self.batch_size, self.num_batches, device)
+
+
+class _Captured(Exception):
+    """Raised inside a forward loop at the model's first call, carrying its inputs."""
+
+    def __init__(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        super().__init__("captured")
+        self.args, self.kwargs = args, kwargs
+
+
+def _first_call(model: nn.Module, forward_loop: ForwardLoop) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """The inputs of the first call ``forward_loop`` makes to ``model``; the loop is stopped right there, so the
+    model runs no batch."""
+    def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        raise _Captured(args, kwargs)
+
+    handle = model.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        forward_loop(model)
+    except _Captured as captured:
+        return captured.args, captured.kwargs
+    except MQError:
+        raise
+    except Exception as exc:
+        raise CalibrationError(f"forward_loop raised {describe_exception(exc)} before calling the model; it must "
+                               "call model(batch) on calibration batches.") from exc
+    finally:
+        handle.remove()
+    raise CalibrationError("forward_loop returned without calling the model, so there are no inputs to trace it "
+                           "with; it must call model(batch) on calibration batches.")
 
 
 def _deployed_accuracy(outcome: BackendOutcome, qmodel: nn.Module, eval_fn: EvalFn) -> None:
@@ -140,7 +356,8 @@ def _deployed_accuracy(outcome: BackendOutcome, qmodel: nn.Module, eval_fn: Eval
         for runnable in runnables:
             if runtime.available() and runtime.can_run(runnable.model):
                 try:
-                    outcome.deployed_accuracy = float(eval_fn(RuntimeModule(runtime, runnable.model)))
+                    deployed = RuntimeModule(runnable.model, runtime, artifact=runnable.artifact)
+                    outcome.deployed_accuracy = float(eval_fn(deployed))
                 except VerificationError as exc:  # the runtime crashed or raised on it: try the next runtime
                     log.warning("no deployed accuracy from %s: %s", runtime.name, exc)
                     continue
@@ -161,11 +378,9 @@ def _first_batch(calib: Iterable[Any]) -> Any:
                            "loader factory).")
 
 
-def _example_inputs(model: nn.Module, first: Any) -> tuple[Any, ...]:
-    """The inputs ``prepare`` traces with, from the first calibration batch by the one data rule that calibration
-    applies to every batch (``mq_core.pipeline.calibrate.model_inputs``): a tensor, the first item of an
-    ``(x, y)`` tuple, or the dict entry named like the first parameter of the model's ``forward``."""
-    args, kwargs = model_inputs(model, first, n_inputs=1)
+def _traced_inputs(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, ...]:
+    """The one positional input ``prepare`` traces with, from a call's ``(args, kwargs)``: its positional inputs,
+    else the keyword input named like the first parameter of the model's ``forward``."""
     if args:
         return args
     first_parameter = next(iter(inspect.signature(model.forward).parameters), None)
@@ -175,6 +390,41 @@ def _example_inputs(model: nn.Module, first: Any) -> tuple[Any, ...]:
             "one positional input; name the entry after the first parameter of the model's forward."
         )
     return (kwargs[first_parameter],)
+
+
+def _example_inputs(model: nn.Module, first: Any) -> tuple[Any, ...]:
+    """The inputs ``prepare`` traces with, from the first calibration batch by the one data rule that calibration
+    applies to every batch (``mq_core.pipeline.calibrate.model_inputs``): a tensor, the first item of an
+    ``(x, y)`` tuple, or the dict entry named like the first parameter of the model's ``forward``."""
+    return _traced_inputs(model, *model_inputs(model, first, n_inputs=1))
+
+
+def shaped_inputs(inputs: tuple[Any, ...], shapes: Sequence[Sequence[int]]) -> tuple[torch.Tensor, ...]:
+    """Example inputs of the given ``shapes`` (``--input-shape``), one per model input, in each input's dtype and
+    device. Where a shape differs from the data's only in the batch dimension, its samples are the data's (repeated
+    as needed), so export and verification see real values; otherwise they are seeded random numbers."""
+    if len(shapes) != len(inputs):
+        raise ConfigError(f"{len(shapes)} input shape(s) given for a model traced with {len(inputs)} input(s); give "
+                          "one --input-shape per model input, in order.")
+    out = []
+    generator = torch.Generator().manual_seed(0)
+    for position, (shape, given) in enumerate(zip(shapes, inputs)):
+        shape = [int(d) for d in shape]
+        if not shape or any(d < 1 for d in shape):
+            raise ConfigError(f"input shape {shape} (input {position}) must list positive sizes, batch first, e.g. "
+                              "1,3,224,224.")
+        if not isinstance(given, torch.Tensor):
+            raise ConfigError(f"input {position} is a {type(given).__name__}, not a tensor; --input-shape applies "
+                              "to tensor inputs only.")
+        if list(given.shape[1:]) == shape[1:] and given.shape[0] > 0:
+            rows = torch.arange(shape[0]) % given.shape[0]
+            out.append(given[rows.to(given.device)].clone())
+        elif given.dtype.is_floating_point:
+            out.append(torch.randn(shape, generator=generator).to(device=given.device, dtype=given.dtype))
+        else:  # token ids and other integer inputs: values the data holds
+            low, high = int(given.min()), int(given.max())
+            out.append(torch.randint(low, high + 1, shape, generator=generator).to(given.device, given.dtype))
+    return tuple(out)
 
 
 def is_backend_folder(path: Path) -> bool:
@@ -197,44 +447,85 @@ def write_outputs(qmodel: nn.Module, example: tuple[torch.Tensor, ...], folder: 
     return folder / CHECKPOINT, {name: result.moved_to(folder / name) for name, result in results.items()}
 
 
+def with_observer(backend: Any, qconfig: QConfig | QConfigPreset | str | None, observer: str | None
+                  ) -> QConfig | QConfigPreset | str | None:
+    """``qconfig`` on ``backend`` with its activation observer replaced by ``observer`` (``--observer``), the
+    calibration method of every activation quantizer; weights keep theirs (a weight is known exactly, so min/max
+    of it is what the targets use)."""
+    if observer is None:
+        return qconfig
+    get_observer(observer)  # an unknown name fails here, with the installed observers listed
+    resolved = resolve_qconfig(backend, qconfig)
+    activation = resolved.activation.replace(observer=observer, observer_options={})
+    return QConfig(resolved.weight, activation, name=f"{resolved.name}, {observer} observer")
+
+
+def _cpu(inputs: tuple[Any, ...]) -> tuple[Any, ...]:
+    return tuple(to_device(x, torch.device("cpu")) for x in inputs)
+
+
 def quantize_for_backend(
     model: nn.Module,
-    backend: str,
-    calib: Iterable[Any],
+    backend: Any,
+    calib: Iterable[Any] | None,
     out_dir: Path,
     *,
-    qconfig: str | None = None,
+    forward_loop: ForwardLoop | None = None,
+    qconfig: QConfig | QConfigPreset | str | None = None,
+    observer: str | None = None,
     method: str | None = None,
     method_options: dict[str, Any] | None = None,
     eval_fn: EvalFn | None = None,
     verify_inputs: tuple[torch.Tensor, ...] | None = None,
+    input_shapes: Sequence[Sequence[int]] | None = None,
+    device: torch.device | None = None,
     model_ref: str | None = None,
     prepare_options: dict[str, Any] | None = None,
     progress: bool = True,
 ) -> BackendOutcome:
-    """Prepare, calibrate, optionally PTQ, export with all the backend's exporters, verify and evaluate.
+    """Prepare, calibrate (on ``calib`` batches, or by calling ``forward_loop(qmodel)``), optionally PTQ, export
+    with all the backend's exporters, verify and evaluate.
 
     ``out_dir/<backend>/`` receives the checkpoint (``qmodel.pt``) and one folder per exporter, replacing that
-    backend folder of an earlier run as a whole (see ``write_outputs``).
+    backend folder of an earlier run as a whole (see ``write_outputs``). The outcome holds the prepared model
+    (``qmodel``, on the CPU).
     """
     resolved = get_backend(backend)
     outcome = BackendOutcome(resolved.name, method=method)
-    example = _example_inputs(model, _first_batch(calib))
+    if calib is not None:
+        example = _example_inputs(model, _first_batch(calib))
+    else:
+        assert forward_loop is not None
+        example = _traced_inputs(model, *_first_call(model, forward_loop))
+    example = tuple(to_device(x, model_device(model)) for x in example)  # traced where the float model is
+    if input_shapes:
+        example = shaped_inputs(example, input_shapes)
     folder = out_dir / resolved.name
     check_replaceable(folder, owned=is_backend_folder, what=BACKEND_FOLDER)  # now, not after calibrating
     names = ["prepare", "calibrate", *(["ptq"] if method else []), "export", "verify",
              *(["evaluate (simulation)", "evaluate (runtime)"] if eval_fn is not None else [])]
     stages = _Stages(resolved.name, names, outcome.timings, progress)
+    inner = stages.inner_progress
     try:
-        qmodel = stages.run("prepare", lambda: prepare(model, resolved, example, qconfig=qconfig,
+        qmodel = stages.run("prepare", lambda: prepare(model, resolved, example,
+                                                       qconfig=with_observer(resolved, qconfig, observer),
                                                        **(prepare_options or {})))
         outcome.qconfig = qmodel.mq_info.qconfig.name
-        stages.run("calibrate", lambda: calibrate(qmodel, calib, progress=progress))
+        if device is not None:
+            qmodel.to(device)
+        on_device = None if calib is None else CalibrationData(calib).on(model_device(qmodel))
+        if on_device is None:
+            stages.run("calibrate", lambda: calibrate(qmodel, forward_loop=forward_loop, progress=inner))
+        else:
+            stages.run("calibrate", lambda: calibrate(qmodel, on_device, progress=inner))
         if method:
-            stages.run("ptq", lambda: ptq(qmodel, method, calib, progress=progress, **(method_options or {})))
+            stages.run("ptq", lambda: ptq(qmodel, method, on_device, progress=inner, **(method_options or {})))
+        qmodel.cpu()
+        example = _cpu(example)
+        outcome.qmodel = qmodel
         outcome.checkpoint, outcome.results = stages.run(
             "export", lambda: write_outputs(qmodel, example, folder, model_ref))
-        inputs = verify_inputs or example
+        inputs = _cpu(verify_inputs) if verify_inputs else example
         outcome.reports = stages.run("verify", lambda: {
             name: verify(result, inputs) for name, result in outcome.results.items()})
         if eval_fn is not None:
@@ -247,25 +538,54 @@ def quantize_for_backend(
 
 def quantize_for_backends(
     model: nn.Module,
-    backends: Sequence[str],
-    calib: Iterable[Any],
+    backends: Sequence[Any],
+    calib: Iterable[Any] | None,
     out_dir: str | Path,
     *,
     eval_fn: EvalFn | None = None,
+    forward_loop: ForwardLoop | None = None,
     keep_going: bool = False,
+    keep_models: bool = False,
+    device: str | torch.device | None = None,
+    progress: bool = True,
     **options: Any,
 ) -> QuantizeSummary:
-    """``quantize_for_backend`` for each backend; with ``keep_going`` one backend's error does not stop the rest."""
-    _first_batch(calib)  # an empty source fails before the float model is evaluated
+    """``quantize_for_backend`` for each backend; with ``keep_going`` one backend's error does not stop the rest.
+
+    Calibration comes from ``calib`` (re-iterable batches) or, when it is None, from ``forward_loop``, which
+    ``mq.calibrate`` calls with the prepared model. ``keep_models`` keeps each backend's prepared model in its
+    outcome (``mq.quantize`` returns it); otherwise it is dropped once the backend is done, so ``--backend all``
+    holds one prepared model at a time.
+    """
+    if (calib is None) == (forward_loop is None):
+        raise ConfigError("pass calibration data or a forward_loop (a function that runs calibration batches "
+                          "through the model it is given), exactly one of them.")
+    if forward_loop is not None and not callable(forward_loop):
+        raise ConfigError(f"forward_loop must be a function taking the model, got a {type(forward_loop).__name__}.")
+    if forward_loop is not None and options.get("method"):
+        raise ConfigError("a PTQ method reads calibration batches itself, so it needs calibration data; pass it "
+                          "(calib_data) instead of, or with a method, rather than a forward_loop.")
+    if calib is not None:
+        _first_batch(calib)  # an empty source fails before the float model is evaluated
+    target = resolve_device(device)
     out = check_writable(out_dir)  # a read-only --out fails now, not after minutes of calibration
     float_accuracy = float(eval_fn(model)) if eval_fn is not None else None
     outcomes = []
-    for name in backends:
-        try:
-            outcomes.append(quantize_for_backend(model, name, calib, out, eval_fn=eval_fn, **options))
-        except MQError as exc:
-            if not keep_going:
-                raise
-            log.warning("backend %s failed: %s", name, exc)
-            outcomes.append(BackendOutcome(name, error=str(exc)))
+    bar = tqdm(backends, desc="backends", unit="backend", leave=False,
+               disable=not progress or len(backends) < 2 or not _stderr_is_terminal())
+    try:
+        for name in bar:
+            try:
+                outcome = quantize_for_backend(model, name, calib, out, eval_fn=eval_fn, forward_loop=forward_loop,
+                                               device=target, progress=progress, **options)
+            except MQError as exc:
+                if not keep_going:
+                    raise
+                log.warning("backend %s failed: %s", getattr(name, "name", name), exc)
+                outcome = BackendOutcome(getattr(name, "name", str(name)), error=str(exc))
+            if not keep_models:
+                outcome.qmodel = None
+            outcomes.append(outcome)
+    finally:
+        bar.close()
     return QuantizeSummary(float_accuracy, outcomes, out)

@@ -12,8 +12,6 @@ from cli_harness import assert_clean_error, invoke
 from torch import nn
 
 import mq_core as mq
-from mq_core.pipeline.workflow import RuntimeModule
-from mq_core.plugins.lookup import get_runtime
 
 
 class TokenClassifier(nn.Module):
@@ -52,7 +50,7 @@ def test_int64_token_ids_reach_the_runtimes_as_int64(exported: tuple[mq.ExportRe
     assert {c.runtime for c in report.checks} == {"onnxruntime", "openvino"}
     assert all(c.exact == 1.0 for c in report.checks if c.runtime == "onnxruntime")
     # RuntimeModule (deployed accuracy, the examples) feeds the same way
-    deployed = RuntimeModule(get_runtime("onnxruntime"), result.qdq_model)(ids)
+    deployed = mq.RuntimeModule(result.qdq_model, "onnxruntime")(ids)
     with torch.no_grad():
         assert torch.equal(deployed, result.qmodel.eval()(ids))
 
