@@ -5,7 +5,6 @@ on small models and on the real EfficientNet-Lite0 with real photos (skipped whe
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -16,14 +15,6 @@ import mq_core as mq
 from mq_core.errors import ConfigError
 from mq_core.testing import pretrained
 from mq_core.testing.zoo import ZOO
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _threads() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _mean_shift(qmodel: nn.Module, model: nn.Module, x: torch.Tensor) -> float:

@@ -8,8 +8,6 @@ work.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 import torch
 from mq_algos.ptq.cle import CLEConfig, equalize, find_pairs
@@ -20,14 +18,6 @@ from mq_core.errors import ConfigError, MQError
 from mq_core.pipeline.ptq import ptq_plan
 from mq_core.quant.switches import disable_all
 from mq_core.testing.zoo import ZOO
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _threads() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 class ReluChain(nn.Module):
