@@ -17,35 +17,20 @@ from __future__ import annotations
 
 import argparse
 import copy
-import statistics
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import onnx
 import onnxruntime
 import torch
-from resnet_case import machine_line
+from resnet_case import interleaved_ms, machine_line
 
 import mq_core as mq
 from mq_core.runtimes.onnxruntime import OnnxRuntimeOptimized
 from mq_core.testing.zoo import resnet18
 from mq_core.text import render_table
-
-
-def interleaved_cpu_ms(calls: dict[str, Callable[[], object]], runs: int) -> dict[str, float]:
-    """Median CPU time (ms) of each call after one warm-up call each, the calls interleaved (one of each per round)."""
-    for call in calls.values():
-        call()
-    times: dict[str, list[float]] = {label: [] for label in calls}
-    for _ in range(runs):
-        for label, call in calls.items():
-            start = time.process_time()
-            call()
-            times[label].append(1000 * (time.process_time() - start))
-    return {label: statistics.median(t) for label, t in times.items()}
 
 
 def main() -> None:
@@ -70,12 +55,12 @@ def main() -> None:
         with torch.no_grad():
             model(held_out)
 
-    ms = interleaved_cpu_ms({
+    ms = interleaved_ms({
         "calibrate, default": lambda: mq.calibrate(default, calib, progress=False),
         "calibrate, integer": lambda: mq.calibrate(integer, calib, progress=False),
         "evaluate, default": lambda: evaluate(default),
         "evaluate, integer": lambda: evaluate(integer),
-    }, runs=args.runs)
+    }, runs=args.runs, warmup=1, clock=time.process_time)
     rows = [[step, f"{ms[f'{step}, default']:.0f}", f"{ms[f'{step}, integer']:.0f}",
              f"{ms[f'{step}, integer'] / ms[f'{step}, default']:.2f}x"] for step in ("calibrate", "evaluate")]
 

@@ -299,7 +299,7 @@ def _judge(report: VerificationReport, allowed: dict[str, float], rows: dict[str
         if check.within_tolerance:
             check.passed, check.verdict = True, f"within {allowed[check.runtime]:g} step"
             continue
-        beyond = _beyond(check, rows[check.output] if check.output in rows else 1)
+        beyond = _beyond(check, rows.get(check.output, 1))
         if report.layers is None:
             check.passed = False
             check.verdict = "beyond the tolerance (the layer-wise check that tells drift from error did not run)"

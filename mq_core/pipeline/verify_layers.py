@@ -342,26 +342,27 @@ def _quantizes(node: onnx.NodeProto) -> bool:
 _PASS_THROUGH = ("Relu", "MaxPool", "Reshape", "Flatten", "Transpose", "Identity", "Squeeze", "Unsqueeze")
 
 
-def _requantizes(node: onnx.NodeProto, producers: dict[str, onnx.NodeProto]) -> bool:
-    """Whether QuantizeLinear ``node`` reads a DequantizeLinear's values through pass-through ops only."""
-    source = producers.get(node.input[0])
+def _requantizes(nodes: Sequence[onnx.NodeProto], node: onnx.NodeProto, producer: dict[str, int]) -> bool:
+    """Whether QuantizeLinear ``node`` reads a DequantizeLinear's values through pass-through ops only
+    (``producer``: the index of the node writing each tensor)."""
+    source = nodes[producer[node.input[0]]] if node.input[0] in producer else None
     while source is not None and source.op_type in _PASS_THROUGH:
-        source = producers.get(source.input[0])
+        source = nodes[producer[source.input[0]]] if source.input[0] in producer else None
     return source is not None and source.op_type == "DequantizeLinear"
 
 
-def _quantizing_ops(nodes: Sequence[onnx.NodeProto], region: set[int], starts: set[str]) -> int:
+def _quantizing_ops(nodes: Sequence[onnx.NodeProto], producer: dict[str, int], region: set[int],
+                    starts: set[str]) -> int:
     """How many nodes of ``region`` quantize a tensor that derives from ``starts`` (its cuts and graph inputs):
     a weight's own quantizer, fed by initializers only, does not count, nor a re-quantization of grid values
     (``_requantizes``)."""
-    producers = {o: n for n in nodes for o in n.output}
     derived = set(starts)
     count = 0
     for i in sorted(region):  # graph order is topological
         if any(name in derived for name in nodes[i].input):
             derived.update(nodes[i].output)
             node = nodes[i]
-            count += _quantizes(node) and not (node.op_type == "QuantizeLinear" and _requantizes(node, producers))
+            count += _quantizes(node) and not (node.op_type == "QuantizeLinear" and _requantizes(nodes, node, producer))
     return count
 
 
@@ -415,7 +416,7 @@ def _local_model(
             if note not in notes:
                 notes.append(note)
             continue
-        spanned = _quantizing_ops(nodes, region, region_cuts | region_inputs)
+        spanned = _quantizing_ops(nodes, producer, region, region_cuts | region_inputs)
         if spanned > 1:  # fused integer ops hide the tensors between them: not one op, drift would accumulate
             note = (f"the region of tensor {tensor!r} spans {spanned} quantizing ops (fused integer ops hide the "
                     "quantized tensors between them); it has no local check.")
