@@ -18,6 +18,7 @@ layer the SQNR of its quantized weight; qdq W8A8, defaults and with bias correct
 
     .venv/bin/python benchmarks/real_models.py                     # -> results/real_models.md (about 30 min)
     .venv/bin/python benchmarks/real_models.py --quick             # 96x96, fewer crops: a smoke run (minutes)
+    .venv/bin/python benchmarks/real_models.py --bits W8A8 --only "minmax,kl"   # some mq rows, first model
 """
 
 from __future__ import annotations
@@ -142,7 +143,7 @@ def mq_configs(bits: str, full: bool) -> list[tuple[str, str, str | None, str | 
                 for m in (None, "bias_correction", "cle,bias_correction")]
     rows: list[tuple[str, str, str | None, str | None]] = [("mq qdq defaults", "qdq", None, None)]
     if full:
-        rows += [(f"mq qdq {obs} activations", "qdq", obs, None) for obs in ("percentile", "kl")]
+        rows += [(f"mq qdq {obs} activations", "qdq", obs, None) for obs in ("minmax", "percentile", "kl")]
     rows += [("mq qdq bias_correction", "qdq", None, "bias_correction")]
     if full:
         rows += [("mq qdq percentile + bias_correction", "qdq", "percentile", "bias_correction"),
@@ -153,11 +154,15 @@ def mq_configs(bits: str, full: bool) -> list[tuple[str, str, str | None, str | 
     return rows
 
 
-def mq_rows(case: Case, bits_list: list[str], extra: list[str], full: bool) -> list[list[str]]:
+def mq_rows(case: Case, bits_list: list[str], extra: list[str], full: bool,
+            only: list[str] | None = None) -> list[list[str]]:
+    """mq's rows; ``only``: just those whose label contains one of these strings."""
     rows = []
     for bits in bits_list:
         configs = mq_configs(bits, full) + [(f"mq qdq {m}", "qdq", None, m) for m in extra]
         for label, backend, observer, method in configs:
+            if only and not any(part in label for part in only):
+                continue
             started = time.perf_counter()
             qmodel = mq_quantize(case, backend, bits, observer, method)
             seconds = time.perf_counter() - started
@@ -256,12 +261,20 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="96x96, 16 + 32 crops, W8A8 only")
     parser.add_argument("--layers-only", action="store_true",
                         help="only the per-layer table of the first model (a few minutes), printed, not written")
+    parser.add_argument("--only", default=None,
+                        help="comma-separated parts of mq row labels to run (e.g. 'defaults,kl'); printed only, "
+                             "without the quantize_static rows and the per-layer table")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "real_models.md")
     args = parser.parse_args()
     if args.quick:
         args.size, args.calibration, args.evaluation, args.bits = 96, 16, 32, "W8A8"
     torch.set_num_threads(2)
     bits_list = args.bits.split(",")
+    if args.only:
+        case = build_case(args.models.split(",")[0], args.size, args.calibration, args.evaluation)
+        rows = mq_rows(case, bits_list, args.extra_method, full=True, only=args.only.split(","))
+        print(render_table(["model", "bits", "method", "top-1 agreement %", "logits SQNR dB", "quantize s"], rows))
+        return
     if args.layers_only:
         case = build_case(args.models.split(",")[0], args.size, args.calibration, args.evaluation)
         print(render_table(LAYER_COLUMNS, layer_table(case)))

@@ -49,6 +49,7 @@ if TYPE_CHECKING:
     from mq_core.pipeline.quantize import quantize
     from mq_core.pipeline.resolve import resolve_qconfig
     from mq_core.pipeline.runtime_module import RuntimeModule
+    from mq_core.pipeline.sensitivity import SensitivityReport, sensitivity
     from mq_core.pipeline.verify import VerificationReport, verify
     from mq_core.pipeline.verify_layers import LayerReport, TensorCheck, verify_layers
     from mq_core.pipeline.workflow import BackendOutcome, QuantizeSummary
@@ -93,6 +94,7 @@ _HOMES: dict[str, str] = {
     "IntegerSimulationError": "mq_core.graph.integer_sim",
     "LayerReport": "mq_core.pipeline.verify_layers",
     "MQError": "mq_core.errors",
+    "MixedPrecisionResult": "mq_core.pipeline.mixed_precision",
     "Observer": "mq_core.quant.observers.base",
     "PTQMethod": "mq_core.pipeline.ptq",
     "PlacementPolicy": "mq_core.graph.policy",
@@ -106,6 +108,7 @@ _HOMES: dict[str, str] = {
     "Runtime": "mq_core.runtimes.base",
     "RuntimeModule": "mq_core.pipeline.runtime_module",
     "SchemeError": "mq_core.errors",
+    "SensitivityReport": "mq_core.pipeline.sensitivity",
     "TensorCheck": "mq_core.pipeline.verify_layers",
     "TraceError": "mq_core.errors",
     "UnknownNameError": "mq_core.errors",
@@ -145,6 +148,8 @@ _HOMES: dict[str, str] = {
     "resolve_qconfig": "mq_core.pipeline.resolve",
     "restore": "mq_core.checkpoint",
     "save_checkpoint": "mq_core.checkpoint",
+    "search_mixed_precision": "mq_core.pipeline.mixed_precision",
+    "sensitivity": "mq_core.pipeline.sensitivity",
     "summary": "mq_core.summary",
     "unfreeze_bn": "mq_core.nn",
     "verify": "mq_core.pipeline.verify",
@@ -166,6 +171,7 @@ __all__ = [
     "IntegerSimulationError",
     "LayerReport",
     "MQError",
+    "MixedPrecisionResult",
     "Observer",
     "PTQMethod",
     "PlacementPolicy",
@@ -179,6 +185,7 @@ __all__ = [
     "Runtime",
     "RuntimeModule",
     "SchemeError",
+    "SensitivityReport",
     "TensorCheck",
     "TraceError",
     "UnknownNameError",
@@ -219,6 +226,8 @@ __all__ = [
     "resolve_qconfig",
     "restore",
     "save_checkpoint",
+    "search_mixed_precision",
+    "sensitivity",
     "summary",
     "unfreeze_bn",
     "verify",

@@ -6,13 +6,16 @@ Registered through the same hooks as third-party plugins (the core eats its own 
 
 from __future__ import annotations
 
+from torch import nn
+
 from mq_core.backend import Backend
 from mq_core.export.exporter import Exporter
 from mq_core.export.qdq import ORTQDQExporter, QDQExporter
 from mq_core.graph.fusion import FusionPattern
 from mq_core.graph.patterns import standard_patterns
-from mq_core.graph.policy import output_placement
+from mq_core.graph.policy import WEIGHT_KINDS, output_placement
 from mq_core.hookspecs import Register, RegisterQATModule, hookimpl
+from mq_core.nn.embedding import QEmbedding
 from mq_core.nn.qat import QAT_MODULES
 from mq_core.quant.fake_quant import FakeQuantizer, FixedFakeQuantizer
 from mq_core.quant.observers.base import Observer
@@ -36,7 +39,9 @@ QDQ_BACKEND = Backend(
         activation=QuantizerSpec(UINT8_AFFINE, observer="ema_minmax"),
         name="qdq-default",
     ),
-    placement=output_placement(),
+    # ONNX Runtime has no integer LayerNorm or GELU kernel: they run in float, on float inputs; it dequantizes an int8
+    # embedding table and gathers from it, so the table is stored quantized, per row (docs/backends/qdq.md)
+    placement=output_placement(float_kinds=frozenset({"norm", "gelu"}), weight_kinds=WEIGHT_KINDS | {"embedding"}),
     exporters=("qdq",),
     weight_bits=frozenset(range(2, 9)),
     activation_bits=frozenset(range(2, 9)),
@@ -101,6 +106,7 @@ def register_fusion_patterns(register: Register[FusionPattern]) -> None:
 def register_qat_modules(register: RegisterQATModule) -> None:
     for float_type, qat_type in QAT_MODULES.items():
         register(float_type, qat_type)
+    register(nn.Embedding, QEmbedding)  # swapped in only where the backend's policy lists "embedding" weights
 
 
 @hookimpl

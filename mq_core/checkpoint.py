@@ -143,11 +143,14 @@ def _recordable_info(info: PrepareInfo) -> dict[str, Any]:
     """``info`` as plain data: observer/quantizer classes given in place of registry names become references."""
     data = info.to_dict()
     recorded = []
-    for role in ("weight", "activation"):
-        spec = data["qconfig"][role]
-        for key in ("observer", "fake_quantizer"):
-            spec[key] = object_ref(spec[key])
-            recorded.append((f"qconfig's {role} {key.replace('_', ' ')}", spec[key]))
+    qconfigs = {"qconfig's": data["qconfig"]} | {f"qconfig for {p!r}'s": q for p, q in data["layer_qconfigs"].items()
+                                                 if q is not None}
+    for label, qconfig in qconfigs.items():
+        for role in ("weight", "activation"):
+            spec = qconfig[role]
+            for key in ("observer", "fake_quantizer"):
+                spec[key] = object_ref(spec[key])
+                recorded.append((f"{label} {role} {key.replace('_', ' ')}", spec[key]))
     recorded += [(f"{option} entry", item) for option in ("skip", "leaf_modules") for item in data[option]]
     for label, text in recorded:
         if text.startswith(NOT_IMPORTABLE):
@@ -222,6 +225,12 @@ def _validate(payload: Any, source: str) -> None:
             _expect(_names(info.get(key)), f"'info.{key}' is not a list of names")
         _expect(_names(info.get("preserved_attributes", [])), "'info.preserved_attributes' is not a list of names")
         _validate_qconfig(info.get("qconfig"))
+        layers = info.get("layer_qconfigs", {})
+        _expect(isinstance(layers, dict) and all(isinstance(p, str) and p for p in layers),
+                "'info.layer_qconfigs' is not a table of layer patterns")
+        for qconfig in layers.values():
+            if qconfig is not None:
+                _validate_qconfig(qconfig)
         inputs = payload.get("inputs")
         _expect(isinstance(inputs, list) and bool(inputs), "'inputs' is not a list of input shapes")
         for i, spec in enumerate(inputs):
@@ -362,6 +371,10 @@ def restore(
     }
     if "qconfig" not in prepare_overrides:
         options["qconfig"] = _recorded_qconfig(info["qconfig"], trust)
+        layers = info.get("layer_qconfigs", {})
+        if layers:  # per-layer qconfigs: the recorded rules, the default as "*" unless a rule covers it
+            options["qconfig"] = {"*": options["qconfig"]} | {
+                p: None if q is None else _recorded_qconfig(q, trust) for p, q in layers.items()}
     for option in ("skip", "leaf_modules"):
         if option not in prepare_overrides:
             options[option] = [

@@ -49,7 +49,7 @@ if TYPE_CHECKING:
     from mq_core.hookspecs import Register, RegisterQATModule, hookimpl
     from mq_core.nn.bn_fold import bn_scale_factor, channel_view
     from mq_core.nn.qat import QATBnModule, QATModule
-    from mq_core.pipeline.calibrate import model_inputs, num_inputs, run_batch
+    from mq_core.pipeline.calibrate import CalibrationData, all_reduce, model_inputs, num_inputs, run_batch
     from mq_core.pipeline.prepare import prepare_info
     from mq_core.pipeline.ptq import PTQMethod
     from mq_core.pipeline.resolve import resolve_qconfig
@@ -85,6 +85,7 @@ __all__ = [
     "UINT8_SYM",
     "Artifact",
     "Backend",
+    "CalibrationData",
     "CalibrationError",
     "ClipStdObserver",
     "ConfigError",
@@ -119,6 +120,7 @@ __all__ = [
     "SchemeError",
     "TensorQuant",
     "VerificationError",
+    "all_reduce",
     "along_axis",
     "apply_table",
     "bn_scale_factor",
@@ -196,6 +198,8 @@ _HOMES: dict[str, tuple[str, str]] = {
     "channel_view": ("mq_core.nn.bn_fold", "channel_view"),
     "QATBnModule": ("mq_core.nn.qat", "QATBnModule"),
     "QATModule": ("mq_core.nn.qat", "QATModule"),
+    "CalibrationData": ("mq_core.pipeline.calibrate", "CalibrationData"),
+    "all_reduce": ("mq_core.pipeline.calibrate", "all_reduce"),
     "model_inputs": ("mq_core.pipeline.calibrate", "model_inputs"),
     "num_inputs": ("mq_core.pipeline.calibrate", "num_inputs"),
     "run_batch": ("mq_core.pipeline.calibrate", "run_batch"),

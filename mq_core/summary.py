@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from mq_core.errors import ExportError
-from mq_core.pipeline.prepare import prepare_info
+from mq_core.pipeline.prepare import prepare_info, qconfig_names
 from mq_core.quant.fake_quant import FakeQuantizer
 from mq_core.quant.scheme import QuantScheme
 from mq_core.quant.switches import quantizers
@@ -75,7 +75,7 @@ def summary_data(qmodel: nn.Module) -> dict[str, Any]:
             placements[f"{prefix}.{record['quantizer']}" if prefix else record["quantizer"]] = record
     found = quantizers(qmodel)
     return {
-        "backend": info.backend, "qconfig": info.qconfig.name, "mode": info.mode,
+        "backend": info.backend, "qconfig": info.qconfig_name, "mode": info.mode,
         "quantizers": [
             {"name": name, "role": fq.role, "quantizes": _what(name, fq, placements), "grid": fq.scheme.to_dict(),
              "grid_text": fq.scheme.describe() + ("" if fq.exact else ", fast rounding"),
@@ -124,7 +124,9 @@ def checkpoint_data(checkpoint: dict[str, Any]) -> dict[str, Any]:
             "observe": _flag(state.get(f"{name}.observe_enabled")), "quantize": _flag(state[key]),
         })
     return {
-        "backend": info["backend"], "qconfig": qconfig.get("name", "default"), "mode": info["mode"],
+        "backend": info["backend"], "mode": info["mode"],
+        "qconfig": qconfig_names(qconfig.get("name", "default"), {
+            p: None if q is None else q.get("name", "default") for p, q in info.get("layer_qconfigs", {}).items()}),
         "settings": {
             "weights": _spec_text(qconfig["weight"]), "activations": _spec_text(qconfig["activation"]),
             "inputs": [{"shape": list(s["shape"]), "dtype": s["dtype"]} for s in checkpoint["inputs"]],

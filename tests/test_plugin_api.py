@@ -29,6 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PLUGIN_API = [
     "Artifact",
     "Backend",
+    "CalibrationData",
     "CalibrationError",
     "ClipStdObserver",
     "ConfigError",
@@ -71,6 +72,7 @@ PLUGIN_API = [
     "UINT8_AFFINE",
     "UINT8_SYM",
     "VerificationError",
+    "all_reduce",
     "along_axis",
     "apply_table",
     "bn_scale_factor",

@@ -217,7 +217,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("implementations", ("mq_core.builtin", "mq_core.export.qdq", "mq_core.export.ranges_file",
                          "mq_core.runtimes.onnxruntime")),
     ("orchestration", ("mq_core.pipeline.*", "mq_core.checkpoint", "mq_core.summary", "mq_core.testing.*",
-                       "mq_core.demo.*")),
+                       "mq_core.demo.*", "mq_core.report.*")),
     ("surface", ("mq_core", "mq_core.plugin_api", "mq_core.cli.*", "mq_core.__main__")),
 ]
 #: Modules that know nothing of plugins, the command line or orchestration (issue 11: names become objects in the

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from mq_core.cli.options import Names, verbosity_options
-from mq_core.cli.quantize import DEMO_MODEL_REF
+from mq_core.cli.quantize import DEMO_MODEL_REF, TEXT_DEMO_MODEL_REF
 from mq_core.errors import ConfigError
 from mq_core.text import render_table
 
@@ -22,11 +22,11 @@ if TYPE_CHECKING:
 
 #: Model factories a checkpoint may name without the user's confirmation: mq's own, listed one by one (a prefix such
 #: as "mq_core." would also admit "mq_core.cli.main:main" and every other function mq ships).
-TRUSTED_MODEL_REFS = frozenset({DEMO_MODEL_REF})
+TRUSTED_MODEL_REFS = frozenset({DEMO_MODEL_REF, TEXT_DEMO_MODEL_REF})
 
-_MODEL_OPTION = click.option("--model", "model_ref",
+MODEL_OPTION = click.option("--model", "model_ref",
                              help="Float model factory 'pkg.module:factory' to call instead of the recorded one.")
-_TRUST_OPTION = click.option(
+TRUST_OPTION = click.option(
     "--trust-model-ref", "trust", is_flag=True,
     help="Trust the checkpoint: call the model factory it records and import the modules its skip/leaf/observer "
          "entries name. Only for files from a source you trust.",
@@ -72,8 +72,8 @@ def _rebuild(path: str, checkpoint: dict[str, Any], model_ref: str | None, trust
 
 @click.command("export")
 @click.argument("checkpoint", type=click.Path(exists=True, dir_okay=False))
-@_MODEL_OPTION
-@_TRUST_OPTION
+@MODEL_OPTION
+@TRUST_OPTION
 @click.option("--exporter", type=Names("exporter"),
               help="Exporter name (default: the backend's default; see `mq exporters`).")
 @click.option("--out", type=click.Path(file_okay=False), help="Output folder (default: next to the checkpoint).")
@@ -104,8 +104,8 @@ def export_command(checkpoint: str, model_ref: str | None, trust: bool, exporter
 @click.argument("export_dir", type=click.Path(exists=True, file_okay=False))
 @click.option("--checkpoint", required=True, type=click.Path(exists=True, dir_okay=False),
               help="The prepared checkpoint the export came from (the simulation to compare with).")
-@_MODEL_OPTION
-@_TRUST_OPTION
+@MODEL_OPTION
+@TRUST_OPTION
 @click.option("--inputs", "inputs_file", type=click.Path(exists=True, dir_okay=False),
               help="Inputs (.pt/.npy tensor). Default: 4 seeded random samples of the recorded input shape.")
 @click.option("--runtime", "runtimes", multiple=True, type=Names("runtime", extra=("all",)),
@@ -164,8 +164,8 @@ def verify_command(export_dir: str, checkpoint: str, model_ref: str | None, trus
 
 @click.command("inspect")
 @click.argument("checkpoint", type=click.Path(exists=True, dir_okay=False))
-@_MODEL_OPTION
-@_TRUST_OPTION
+@MODEL_OPTION
+@TRUST_OPTION
 @click.option("--json", "as_json", is_flag=True,
               help="Machine-readable: backend, qconfig, mode and per quantizer its grid, qparams (scale and zero "
                    "point lists) and switches; `rebuilt` says whether the model was rebuilt.")

@@ -18,6 +18,7 @@ from typing import Any
 import click
 
 from mq_core._version import __version__
+from mq_core.cli.analyze import analyze_command
 from mq_core.cli.export import export_command, exporters_command, inspect_command, verify_command
 from mq_core.cli.options import LOG_FORMAT, apply_verbosity, verbosity_options
 from mq_core.cli.quantize import quantize_command
@@ -153,6 +154,7 @@ cli.add_command(verify_command)
 cli.add_command(inspect_command)
 cli.add_command(exporters_command)
 cli.add_command(quantize_command)
+cli.add_command(analyze_command)
 
 
 def main() -> None:

@@ -31,10 +31,14 @@ else:  # pragma: no cover - Python 3.10
 
 DEFAULT_BACKEND = "qdq"
 DEMO_MODEL_REF = "mq_core.demo.digits:DigitsCNN"
+TEXT_DEMO_MODEL_REF = "mq_core.demo.text:TextClassifier"
+#: ``--demo`` name -> (the demo model's factory, the summary's title).
+DEMOS = {"digits": (DEMO_MODEL_REF, "built-in demo (DigitsCNN on scikit-learn digits)"),
+         "text": (TEXT_DEMO_MODEL_REF, "built-in text demo (2-layer transformer encoder, review sentiment)")}
 #: Keys a --config TOML file may hold (the long option names, with - or _).
 CONFIG_KEYS = {"model", "weights", "calib", "eval", "backend", "qconfig", "method", "method_options", "out",
                "batch_size", "num_batches", "image_size", "module", "skip", "leaf_module", "quiet", "observer",
-               "device", "input_shape", "capture"}
+               "device", "input_shape", "capture", "report", "demo", "accuracy_budget"}
 #: The TOML value types an option's click type takes besides a string (which is converted as on the command line).
 _NATIVE_TYPES: tuple[tuple[type[click.ParamType], type | tuple[type, ...], str], ...] = (
     (click.types.BoolParamType, bool, "true or false"),
@@ -104,6 +108,15 @@ def _config_value(ctx: click.Context, option: click.Option, path: str, key: str,
     return tuple(_config_item(ctx, option, path, f"{key}[{i}]", item) for i, item in enumerate(value))
 
 
+def _layer_qconfigs(path: str, table: dict[str, Any]) -> dict[str, str]:
+    """A ``[qconfig]`` table: per-layer qconfigs, module-path pattern -> preset name or "float" (``mq.prepare``)."""
+    for pattern, name in table.items():
+        if not isinstance(name, str):
+            raise ConfigError(f"--config {path}: qconfig.{pattern} = {_toml(name)} must be a preset name such as "
+                              "\"w8a8\", or \"float\" to leave the layer unquantized.")
+    return dict(table)
+
+
 def _merge(ctx: click.Context, params: dict[str, Any]) -> dict[str, Any]:
     """Command-line values win; then the config file; then the defaults. Every value in the file is validated,
     also one a flag overrides."""
@@ -114,7 +127,9 @@ def _merge(ctx: click.Context, params: dict[str, Any]) -> dict[str, Any]:
     for key, value in config.items():
         option = by_flag.get("--" + key.replace("_", "-"))  # None for method_options, a table of its own
         name = key if option is None else str(option.name)  # eval sets --eval, whose parameter is eval_ref
-        if option is not None:
+        if key == "qconfig" and isinstance(value, dict):
+            value = _layer_qconfigs(path, value)
+        elif option is not None:
             value = _config_value(ctx, option, path, key, value)
         source = ctx.get_parameter_source(name)
         if source is None or source.name in ("DEFAULT", "DEFAULT_MAP"):
@@ -122,9 +137,16 @@ def _merge(ctx: click.Context, params: dict[str, Any]) -> dict[str, Any]:
     return merged
 
 
-def _demo(progress: bool) -> tuple[nn.Module, list[Any], Callable[[nn.Module], float], tuple[torch.Tensor, ...]]:
+def _demo(name: str, progress: bool
+          ) -> tuple[nn.Module, list[Any], Callable[[nn.Module], float], tuple[torch.Tensor, ...]]:
     from mq_core.demo import digits
 
+    if name == "text":
+        from mq_core.demo import text
+
+        sentences = text.load_text()
+        return (text.pretrained(progress=progress), sentences.calibration_batches(),
+                lambda m: digits.accuracy(m, sentences.x_test, sentences.y_test), (sentences.x_test[:64],))
     data = digits.load_digits()
     model = digits.pretrained("cnn", progress=progress)
     return (model, data.calibration_batches(), lambda m: digits.accuracy(m, data.x_test, data.y_test),
@@ -139,7 +161,7 @@ def _evaluated(model: nn.Module) -> str:
     return "the quantized simulation" if hasattr(model, "mq_info") else "the float model"
 
 
-def _eval_function(ref: str | None) -> Callable[[nn.Module], float] | None:
+def eval_function(ref: str | None) -> Callable[[nn.Module], float] | None:
     """The user's accuracy function, checked on every call: an exception it raises, or a result that is not a
     finite number (NaN included: an accuracy is never NaN, so it is a bug in the function), is a ConfigError."""
     if ref is None:
@@ -172,13 +194,20 @@ def _eval_function(ref: str | None) -> Callable[[nn.Module], float] | None:
 @click.command("quantize")
 @click.option("--model", help="Float model factory 'pkg.module:factory' returning an nn.Module (default: the "
                                "built-in digits CNN demo).")
+@click.option("--demo", type=click.Choice(sorted(DEMOS)),
+              help="Built-in demo to run without --model: digits (a CNN, the default) or text (a small transformer "
+                   "encoder on review sentences). Offline, trained once in seconds and cached.")
 @click.option("--weights", help="State dict for --model (.pt), loaded with torch.load(weights_only=True).")
 @click.option("--calib", help="Calibration data: a .pt/.npy tensor [N, ...], a folder of images, or "
                               "'pkg.module:loader_factory'. Required with --model.")
 @click.option("--eval", "eval_ref", help="Accuracy function 'pkg.module:fn'; fn(model) -> float (percent).")
 @click.option("--backend", default=DEFAULT_BACKEND, show_default=True, type=Names("backend", extra=("all",)),
               help="Target backend name, or 'all' for every installed backend.")
-@click.option("--qconfig", type=Names("qconfig"), help="Qconfig preset (e.g. w8a8, w4a4, reduce-range; see docs).")
+@click.option("--qconfig", type=Names("qconfig"), help="Qconfig preset (e.g. w8a8, w4a4, reduce-range; see docs). "
+                                                      "Per-layer qconfigs: a [qconfig] table in --config.")
+@click.option("--accuracy-budget", "accuracy_budget", type=click.FloatRange(min=0),
+              help="Search per-layer bit widths (or float), starting from --qconfig everywhere, within this many "
+                   "points of --eval below float (without --eval: dB of output SQNR below all-8-bit).")
 @click.option("--observer", type=Names("observer"),
               help="Observer that calibrates the activations: minmax, percentile, mse, kl (default: the qconfig's).")
 @click.option("--method", type=Names("ptq_method"),
@@ -207,6 +236,9 @@ def _eval_function(ref: str | None) -> Callable[[nn.Module], float] | None:
               help="Shape of the example input the model is traced and exported with, batch first, e.g. 1,3,224,224 "
                    "(one per model input; default: the first calibration batch's).")
 @click.option("--config", type=click.Path(exists=True, dir_okay=False), help="TOML file with the same keys.")
+@click.option("--report/--no-report", default=True, show_default=True,
+              help="Write report.json and report.html into --out (summary, layer-wise verification, sensitivity "
+                   "of each quantizer on 8 calibration samples).")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @verbosity_options(expose_quiet=True)
 @click.pass_context
@@ -230,13 +262,16 @@ def quantize_command(ctx: click.Context, **params: Any) -> None:
     if p["method"]:  # unknown methods and bad options fail now, not after training the model and calibrating
         ptq_plan(p["method"], **method_options)
     calib: Iterable[Any]
+    if p["model"] is not None and p["demo"] is not None:
+        raise ConfigError(f"--demo {p['demo']} and --model given together: --demo runs a built-in model on its own "
+                          "data; pass one of them.")
     if p["model"] is not None:
         if p["calib"] is None:
             raise ConfigError("missing calibration data: with --model, pass --calib (a .pt/.npy tensor file, a "
                               "folder of images, or 'pkg.module:loader_factory').")
         model = build_model(p["model"], p["weights"])
         calib = calibration_batches(p["calib"], p["batch_size"], p["image_size"], num_batches=p["num_batches"])
-        eval_fn, verify_inputs = _eval_function(p["eval_ref"]), None
+        eval_fn, verify_inputs = eval_function(p["eval_ref"]), None
         title, model_ref = f"mq quantize: {p['model']}", p["model"]
     else:
         given = [flag for key, flag in (("calib", "--calib"), ("weights", "--weights"), ("eval_ref", "--eval"))
@@ -245,15 +280,17 @@ def quantize_command(ctx: click.Context, **params: Any) -> None:
             raise ConfigError(f"{', '.join(given)} given without --model: without --model mq runs the built-in demo, "
                               "which uses its own weights, data and accuracy function and would ignore them. Pass "
                               "--model pkg.module:factory for your model, or leave them out to run the demo.")
-        model, demo_batches, eval_fn, verify_inputs = _demo(progress)
+        demo = p["demo"] or "digits"
+        model, demo_batches, eval_fn, verify_inputs = _demo(demo, progress)
         calib = demo_batches[: p["num_batches"]]
-        title, model_ref = "mq quantize: built-in demo (DigitsCNN on scikit-learn digits)", DEMO_MODEL_REF
+        model_ref, title = DEMOS[demo]
+        title = f"mq quantize: {title}"
     backends = list_backends() if p["backend"] == "all" else [p["backend"]]
     summary = quantize_for_backends(
         model, backends, calib, p["out"], eval_fn=eval_fn, keep_going=p["backend"] == "all", device=p["device"],
         progress=progress, qconfig=p["qconfig"], observer=p["observer"], method=p["method"],
         method_options=method_options or None, input_shapes=list(p["input_shape"]) or None,
-        verify_inputs=verify_inputs, model_ref=model_ref,
+        verify_inputs=verify_inputs, model_ref=model_ref, report=p["report"], accuracy_budget=p["accuracy_budget"],
         prepare_options={"modules": list(p["module"]) or None, "skip": list(p["skip"]),
                          "leaf_modules": list(p["leaf_module"]), "capture": p["capture"]},
     )

@@ -101,7 +101,7 @@ class DeployLayer(nn.Module):
         codes = quantize(layer.weight.detach().float(), self.frozen.scale, self.frozen.zero_point, fq.scheme.qmin,
                          fq.scheme.qmax, self.frozen.axis)
         del layer._parameters["weight"]
-        if layer.bias is not None:
+        if getattr(layer, "bias", None) is not None:  # an embedding has none
             layer.bias.requires_grad_(False)
         self.layer = layer.eval()
         self.act = act

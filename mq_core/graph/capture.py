@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import fx, nn
 
 from mq_core.errors import TraceError
@@ -62,6 +63,12 @@ DYNAMIC_META = "mq_dynamic_dims"
 DIM_BOUNDS_META = "mq_dim_bounds"
 #: Nodes an exported program carries to check its inputs; a prepared model is checked by calibrate/verify instead.
 _CHECKS = frozenset({torch.ops.aten._assert_tensor_metadata.default})
+#: Functional dropouts (as fx and torch.export record them) and the names of their arguments, in order.
+_FUNCTIONAL_DROPOUTS: dict[Any, tuple[str, ...]] = {
+    F.dropout: ("input", "p", "training", "inplace"),
+    torch.dropout: ("input", "p", "train"),
+    torch.ops.aten.dropout.default: ("input", "p", "train"),
+}
 
 
 class MQTracer(fx.Tracer):
@@ -178,6 +185,7 @@ def trace(
         ) from exc
     gm = fx.GraphModule(tracer.root, graph, type(root).__name__)
     _drop_identities(gm)
+    dropouts_follow_mode(gm)
     _copy_preserved(gm, root, preserved_attributes)
     return gm
 
@@ -203,6 +211,41 @@ def _drop_identities(gm: fx.GraphModule) -> None:
     gm.graph.lint()
     gm.delete_all_unused_submodules()
     gm.recompile()
+
+
+def dropouts_follow_mode(gm: fx.GraphModule) -> list[str]:
+    """Replace each functional dropout of ``gm`` (``F.dropout(x, p, training=self.training)``, HuggingFace's attention
+    dropout, ``aten.dropout`` in a torch.export graph) by an ``nn.Dropout(p)`` module; returns the new modules' names.
+
+    Why: capture records the ``training`` flag the model had at that moment as a constant. A model captured in train
+    mode for QAT kept dropping out after ``qmodel.eval()``, so evaluation, export and verification saw random
+    outputs; one captured in eval mode would never drop out in QAT training. As a module the dropout follows
+    ``qmodel.train()``/``eval()``, as the float model's code does; until then it does what it did at capture. A
+    dropout whose ``p`` is not a constant stays.
+    """
+    names = []
+    for node in list(gm.graph.nodes):
+        params = _FUNCTIONAL_DROPOUTS.get(node.target) if node.op == "call_function" else None
+        if params is None:
+            continue
+        bound = dict(zip(params, node.args, strict=False)) | dict(node.kwargs)
+        p = bound.get("p", 0.5)
+        if not isinstance(bound.get("input"), fx.Node) or isinstance(p, bool) or not isinstance(p, (int, float)):
+            continue
+        name, k = f"{node.name}_module", 1
+        while hasattr(gm, name):
+            name, k = f"{node.name}_module{k}", k + 1
+        training = bound.get("training", bound.get("train", True))
+        gm.add_submodule(name, nn.Dropout(float(p)).train(training if isinstance(training, bool) else True))
+        with gm.graph.inserting_before(node):
+            call = gm.graph.call_module(name, (bound["input"],))
+        call.meta = dict(node.meta)
+        node.replace_all_uses_with(call)
+        gm.graph.erase_node(node)
+        names.append(name)
+    if names:
+        gm.recompile()
+    return names
 
 
 def _dynamic_dims(value: Any) -> dict[int, Any] | None:
@@ -331,6 +374,7 @@ def export_trace(
             node.meta[SCOPE_META] = _scope(node)
     gm = fx.GraphModule(attrs, staging.graph, name)
     gm.graph.eliminate_dead_code()  # shape computations only the collapsed regions read
+    dropouts_follow_mode(gm)
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     gm.meta[DYNAMIC_META], gm.meta[DIM_BOUNDS_META] = _dim_names(placeholders, program)
     _copy_preserved(gm, root, preserved_attributes)

@@ -3,8 +3,11 @@
 Patterns are data (``FusionPattern``) registered through ``register_fusion_patterns``; this module holds the one
 pass that matches them. A chain matches when each step's node is the only user of the previous one and every
 module in it is called exactly once (a shared module is never fused: that would change its other call sites).
-Functional activations (``F.relu``, ``torch.relu``, ``x.relu()``, ``F.relu6``) match module steps too and become
-modules in the fused result.
+Functional activations (``F.relu``, ``torch.relu``, ``x.relu()``, ``F.relu6``, their in-place spellings, and the
+ATen operators a ``torch.export`` graph records for all of them) match module steps too and become modules in the
+fused result. An in-place activation fuses only when it is the sole user of the layer's output, and later code
+reads its result (what torch.export records, and what the chain check requires), so the fused module computes the
+same thing out of place.
 """
 
 from __future__ import annotations
@@ -18,10 +21,15 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-#: Functional spellings of the activations that fuse, and the module each becomes.
-_FUNCTIONAL_ACTIVATIONS: dict[Any, type[nn.Module]] = {
-    F.relu: nn.ReLU, torch.relu: nn.ReLU, F.relu6: nn.ReLU6, "relu": nn.ReLU,
-    torch.ops.aten.relu.default: nn.ReLU,  # a functional relu in a torch.export graph
+aten = torch.ops.aten
+
+#: Functional spellings of the activations that fuse (functions, method names, ATen operators), and the module each
+#: becomes. The ATen entries are what torch.export records for the others: ``F.relu(x, inplace=True)`` and
+#: ``x.relu_()`` become ``aten.relu_``, ``F.relu6`` becomes ``aten.relu6`` (``aten.relu6_`` in place).
+FUNCTIONAL_ACTIVATIONS: dict[Any, type[nn.Module]] = {
+    **dict.fromkeys((F.relu, torch.relu, F.relu_, torch.relu_, "relu", "relu_", aten.relu.default,
+                     aten.relu_.default), nn.ReLU),
+    **dict.fromkeys((F.relu6, aten.relu6.default, aten.relu6_.default), nn.ReLU6),
 }
 
 
@@ -64,10 +72,8 @@ def _step_module(node: fx.Node, step: Step, modules: dict[str, nn.Module]) -> nn
             if isinstance(item, ModulePredicate) and item.test(module):
                 return module
         return None
-    if node.op == "call_function" and node.target in step and node.target in _FUNCTIONAL_ACTIVATIONS:
-        return _FUNCTIONAL_ACTIVATIONS[node.target]()
-    if node.op == "call_method" and node.target in step and node.target in _FUNCTIONAL_ACTIVATIONS:
-        return _FUNCTIONAL_ACTIVATIONS[node.target]()
+    if node.op in ("call_function", "call_method") and node.target in step and node.target in FUNCTIONAL_ACTIVATIONS:
+        return FUNCTIONAL_ACTIVATIONS[node.target]()
     return None
 
 

@@ -21,7 +21,8 @@ by a ReLU, into an activation quantizer (``QLinearAdd``). Each op falls back to 
 runtime would not fuse it either: quantization off (calibration), a per-channel or wider-than-8-bit activation
 grid, a ReLU the runtime keeps because the output zero point is not the grid's minimum, a ReLU6 whose grid reaches
 past 6, inputs of different shapes. Everything else (pooling, the network input's QuantizeLinear, float ops) is
-computed as before.
+computed as before. An embedding lookup with a quantized table (``QEmbedding``) needs no emulation: the runtime
+dequantizes the int8 table and gathers rows of it, which the default simulation computes exactly.
 
 There are no gradients through the integer ops: running one in training mode, or with autograd recording, raises
 ``IntegerSimulationError``. Use it for evaluation and verification; switch it off to train or to run PTQ methods

@@ -7,16 +7,14 @@ folded even in QAT mode because they never train.
 
 from __future__ import annotations
 
-import torch
-import torch.nn.functional as F
 from torch import nn
 
-from mq_core.graph.fusion import FusionPattern, ModulePredicate
+from mq_core.graph.fusion import FUNCTIONAL_ACTIVATIONS, FusionPattern, ModulePredicate
 from mq_core.nn.bn_fold import is_frozen_batch_norm
 from mq_core.nn.fused import fuse_modules
 
 FROZEN_BN = ModulePredicate("frozen BatchNorm (no momentum)", is_frozen_batch_norm)
-ACTIVATION_STEP = (nn.ReLU, nn.ReLU6, F.relu, torch.relu, F.relu6, "relu", torch.ops.aten.relu.default)
+ACTIVATION_STEP = (nn.ReLU, nn.ReLU6, *FUNCTIONAL_ACTIVATIONS)
 
 _LAYERS: tuple[tuple[str, type[nn.Module], type[nn.Module]], ...] = (
     ("conv1d", nn.Conv1d, nn.BatchNorm1d),

@@ -17,6 +17,12 @@ matmuls keep their quantized inputs (Q, Kᵀ, softmax output, V) and the score +
 
 Under input placement, a backend may keep float the inputs of an element-wise op whose result a norm reads
 (``PlacementPolicy.eltwise_before_norm``; OpenVINO, whose int8 pipeline otherwise computes a different LayerNorm).
+
+Under output placement, a backend may name op kinds its runtime executes in float (``PlacementPolicy.float_kinds``;
+ONNX Runtime: LayerNorm, GELU). Placement then decides from the network's outputs backwards which readers consume
+each tensor in integer (``_integer_readers``) and quantizes the tensor for those readers only: a post-LN
+transformer's residual stream (the sums a LayerNorm reads, the FFN output feeding them, the LayerNorm output feeding
+the next residual add) stays float, while every Linear/MatMul input is quantized.
 """
 
 from __future__ import annotations
@@ -30,7 +36,7 @@ from torch import fx, nn
 
 from mq_core.graph.capture import SCOPE_META
 from mq_core.graph.ops import is_float_tensor, masked_tensors, op_kind, produces_nonnegative, tensor_args
-from mq_core.graph.policy import PlacementPolicy
+from mq_core.graph.policy import INTEGER_INPUT_KINDS, PlacementPolicy
 from mq_core.nn.fused import FusedModule
 from mq_core.quant.qconfig import QuantizerSpec
 
@@ -126,10 +132,11 @@ def annotate(gm: fx.GraphModule, policy: PlacementPolicy, skip: Skip) -> Annotat
     nodes = [n for n in gm.graph.nodes if n.op not in ("output", "get_attr")]
     used_by = {n: [u for u in n.users if u.op != "output" and not skip(u, modules)] for n in nodes}
 
+    plan = _integer_readers(nodes, modules, policy, skip, ann.masked) if policy.float_kinds else None
     if policy.network_inputs:
         for node in nodes:
             if node.op == "placeholder" and is_float_tensor(node) and used_by[node]:
-                ann.request(node, None, "network input")
+                _request_for(ann, node, plan, "network input")
 
     for node in nodes:
         if node.op == "placeholder" or skip(node, modules) or not is_float_tensor(node):
@@ -144,7 +151,9 @@ def annotate(gm: fx.GraphModule, policy: PlacementPolicy, skip: Skip) -> Annotat
                     continue  # a parameter added to an activation (ViT's position embeddings) is no residual input
                 ann.request(arg, node, f"input of {kind}")
         if kind in policy.quantize_outputs_of:
-            _annotate_output(node, kind, modules, policy, ann, skip)
+            _annotate_output(node, kind, modules, policy, ann, skip, plan)
+        elif plan is not None and _split_passthrough(node, kind, plan, policy):
+            _request_for(ann, node, plan, f"output of {kind} read in float too")
 
     if policy.quantize_outputs_of and not policy.network_outputs:
         output = next(n for n in gm.graph.nodes if n.op == "output")
@@ -192,8 +201,65 @@ def _has_reader(node: fx.Node, modules: dict[str, nn.Module], policy: PlacementP
     return False
 
 
+def _integer_readers(nodes: list[fx.Node], modules: dict[str, nn.Module], policy: PlacementPolicy, skip: Skip,
+                     masked: set[fx.Node]) -> dict[fx.Node, list[fx.Node]]:
+    """For each node, the readers that consume its output in integer under ``policy.float_kinds`` (the output node
+    standing for the network output), decided backwards from the network's outputs: a Linear/MatMul/Conv reads in
+    integer; a float kind, a skipped layer or a tensor holding an attention mask does not; any other op does when
+    its own output is quantized (when it has such a reader itself, or is a network output), or when its result
+    does not flow only into float kinds and masks (a *float sink*: a post-LN residual sum). Only float kinds and
+    masks make float spread backwards: an op read only by a skipped layer (a classifier left in float) stays
+    integer as under the plain rule, so leaving one layer in float does not turn the layers before it float. A
+    pass-through op (dropout, reshape) read both ways carries the quantizer itself, for its integer readers only
+    (``_split_passthrough``)."""
+    readers: dict[fx.Node, list[fx.Node]] = {}
+    float_sink: dict[fx.Node, bool] = {}
+
+    def sinks_float(user: fx.Node) -> bool:
+        if user.op == "output" or skip(user, modules):
+            return False
+        if user in masked:
+            return True
+        kind = op_kind(user, modules)
+        return kind in policy.float_kinds or (float_sink[user] and kind not in INTEGER_INPUT_KINDS)
+
+    def integer(user: fx.Node, producer_kind: str) -> bool:
+        if user.op == "output":
+            return policy.network_outputs and producer_kind not in policy.float_kinds
+        if user in masked or skip(user, modules):
+            return False
+        kind = op_kind(user, modules)
+        passthrough = kind in policy.passthrough and bool(tensor_args(user))
+        if kind in policy.float_kinds or not (is_float_tensor(user) or passthrough):  # e.g. ``x.shape``
+            return False
+        if passthrough:  # on the grid of its input when all its readers are
+            return bool(readers[user]) and len(readers[user]) == len(user.users)
+        return kind in INTEGER_INPUT_KINDS or bool(readers.get(user)) or not float_sink[user]
+
+    for node in reversed(nodes):  # every reader of a node comes after it
+        kind = op_kind(node, modules)
+        readers[node] = [user for user in node.users if integer(user, kind)]
+        float_sink[node] = bool(node.users) and all(sinks_float(user) for user in node.users)
+    return readers
+
+
+def _split_passthrough(node: fx.Node, kind: str, plan: dict[fx.Node, list[fx.Node]], policy: PlacementPolicy) -> bool:
+    """Whether pass-through ``node`` has integer readers and float readers (then the quantizer goes after it)."""
+    return kind in policy.passthrough and bool(tensor_args(node)) and 0 < len(plan[node]) < len(node.users)
+
+
+def _request_for(ann: Annotation, node: fx.Node, plan: dict[fx.Node, list[fx.Node]] | None, reason: str) -> None:
+    """Quantize ``node`` for all its readers, or (with a plan of integer readers) for those the plan names."""
+    if plan is None or set(plan[node]) == set(node.users):
+        ann.request(node, None, reason)
+        return
+    for user in plan[node]:
+        ann.request(node, user, reason)
+
+
 def _annotate_output(
-    node: fx.Node, kind: str, modules: dict[str, nn.Module], policy: PlacementPolicy, ann: Annotation, skip: Skip
+    node: fx.Node, kind: str, modules: dict[str, nn.Module], policy: PlacementPolicy, ann: Annotation, skip: Skip,
+    plan: dict[fx.Node, list[fx.Node]] | None,
 ) -> None:
     """Output placement for one compute node, with activation merging and pass-through."""
     users = list(node.users)
@@ -202,24 +268,27 @@ def _annotate_output(
             return  # ReLU of an already-quantized tensor stays on its grid (pass-through)
     if len(users) == 1 and users[0].op != "output" and op_kind(users[0], modules) in policy.merge_into_producer:
         return  # the following ReLU/ReLU6 carries this tensor's quantizer
-    if not _has_reader(node, modules, policy, skip):
+    if not (_has_reader(node, modules, policy, skip) if plan is None else plan[node]):
         return
-    ann.request(node, None, f"output of {kind}")
+    _request_for(ann, node, plan, f"output of {kind}")
 
 
 def materialize(
-    gm: fx.GraphModule, ann: Annotation, spec: QuantizerSpec, build: Callable[[QuantizerSpec], nn.Module]
+    gm: fx.GraphModule, ann: Annotation, spec: QuantizerSpec | Callable[[QuantizedTensor], QuantizerSpec],
+    build: Callable[[QuantizerSpec], nn.Module],
 ) -> dict[str, nn.Module]:
     """Insert one fake quantizer per annotated tensor; returns {module name: quantizer}.
 
-    ``build`` turns a spec into a quantizer (the caller resolves observer and quantizer names: the graph layer
-    never looks names up). A tensor known to be non-negative gets the unsigned variant of a signed ``spec``.
+    ``spec`` is one spec for every tensor, or a function giving each tensor's (per-layer qconfigs, see
+    ``mq_core.graph.layer_qconfig``). ``build`` turns a spec into a quantizer (the caller resolves observer and
+    quantizer names: the graph layer never looks names up). A tensor known to be non-negative gets the unsigned
+    variant of a signed spec.
     """
     created: dict[str, nn.Module] = {}
     for producer, record in ann.tensors.items():
-        qspec = spec
-        if record.unsigned and spec.scheme.signed:
-            qspec = spec.replace(scheme=spec.scheme.replace(signed=False, narrow_range=False))
+        qspec = spec(record) if callable(spec) else spec
+        if record.unsigned and qspec.scheme.signed:
+            qspec = qspec.replace(scheme=qspec.scheme.replace(signed=False, narrow_range=False))
         fq = build(qspec)
         name = _free_name(gm, f"{producer.name}_fq")
         fq.qname = name

@@ -8,6 +8,9 @@ model's input and checks it against the example inputs the model was prepared wi
 
 Under ``torch.distributed`` each rank calibrates on its own shard and the observers' statistics are then merged
 across the ranks (``sync_observers``, each observer's ``sync``), so every rank freezes the same qparams.
+
+Data is streamed: a batch is read, moved to the model's device, run and dropped; nothing here keeps the data set
+(``CalibrationData`` is the re-iterable form that PTQ methods read once per pass).
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from __future__ import annotations
 import inspect
 import itertools
 import logging
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -116,6 +119,83 @@ def _stream(data: Any, num_batches: Any, batch_size: Any) -> tuple[Iterator[Any]
     if limit is not None:
         total = limit if total is None else min(total, limit)
     return _read(iter(source) if limit is None else itertools.islice(iter(source), limit)), total
+
+
+def to_device(batch: Any, device: torch.device) -> Any:
+    """``batch`` with every tensor in it (inside tuples, lists and dicts) moved to ``device``."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device)
+    if isinstance(batch, Mapping):
+        return {key: to_device(value, device) for key, value in batch.items()}
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(to_device(item, device) for item in batch)
+    return batch
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """Where a model's parameters (else its buffers) live; the CPU for a model with neither."""
+    tensor = next(model.parameters(), None)
+    if tensor is None:
+        tensor = next(model.buffers(), None)
+    return tensor.device if tensor is not None else torch.device("cpu")
+
+
+class CalibrationData:
+    """Calibration data as ``mq.calibrate`` reads it (``iter_batches``: a tensor ``[N, ...]`` split into batches, a
+    Dataset batched, any other iterable one batch per item), re-iterable: each ``iter()`` reads the data anew, one
+    batch at a time, and keeps none of it. This is what a PTQ method's ``apply`` gets; a method that needs several
+    passes (bias correction, reconstruction, CLE) iterates it several times, so it never holds the data set.
+
+    With ``device``, each batch is moved there as it is read; with ``check`` (the prepared model), each batch is
+    checked against its example inputs as it is read (``model_inputs``), so a bad batch fails with its number
+    before a method runs the model on it. ``group`` is the ``torch.distributed`` process group whose ranks each
+    hold a shard of the data (a ``DataLoader`` with a ``DistributedSampler``): statistics a method computes over
+    the data must be merged over it (``all_reduce``) to be those of the whole data set; None when this process has
+    all of it.
+    """
+
+    def __init__(self, data: Any, batch_size: int = DEFAULT_BATCH_SIZE, num_batches: int | None = None,
+                 device: torch.device | None = None, group: dist.ProcessGroup | None = None,
+                 check: nn.Module | None = None) -> None:
+        if isinstance(data, Iterator):
+            raise CalibrationError("calibration data is a one-shot iterator (a generator?), but it is read more than "
+                                   "once; pass a list of batches, a DataLoader or another re-iterable object.")
+        iter_batches(data, num_batches, batch_size)  # bad data or options fail now, before any model work
+        self.data, self.batch_size, self.num_batches, self.device = data, batch_size, num_batches, device
+        self.group, self.check = group, check
+
+    def __iter__(self) -> Iterator[Any]:
+        for index, batch in enumerate(iter_batches(self.data, self.num_batches, self.batch_size), 1):
+            if self.device is not None:
+                batch = to_device(batch, self.device)
+            if self.check is not None:
+                model_inputs(self.check, batch, index=index)
+            yield batch
+
+    def on(self, device: torch.device | None) -> CalibrationData:
+        """The same data, moved to ``device`` as it is read."""
+        return CalibrationData(self.data, self.batch_size, self.num_batches, device, self.group, self.check)
+
+
+def collective_device(group: dist.ProcessGroup | None = None) -> torch.device:
+    """Where tensors of a collective over ``group`` must live: the current CUDA device under NCCL, else the CPU."""
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def all_reduce(tensors: Sequence[torch.Tensor], op: dist.ReduceOp.RedOpType, group: dist.ProcessGroup | None
+               ) -> list[torch.Tensor]:
+    """``tensors`` reduced with ``op`` across the ranks of ``group`` (a collective: every rank calls it with tensors
+    of the same shapes and dtypes), each returned on its own device. One collective per tensor, on the device the
+    backend needs (``collective_device``), so CUDA tensors under gloo and CPU tensors under NCCL both work."""
+    where = collective_device(group)
+    out = []
+    for tensor in tensors:
+        moved = tensor.detach().to(where, copy=True)
+        dist.all_reduce(moved, op, group=group)
+        out.append(moved.to(tensor.device))
+    return out
 
 
 def _forward_parameters(model: nn.Module) -> tuple[list[str], bool]:
@@ -264,6 +344,7 @@ def calibrate(
     Args:
         data: calibration data (``iter_batches``): a tensor ``[N, ...]`` of samples, a Dataset, a DataLoader, or an
             iterable of batches; each batch a tensor, an ``(inputs, target)`` tuple or a dict (``model_inputs``).
+            Streamed: each batch is moved to the model's device as it is read, run and dropped.
         num_batches: stop after this many batches (default: all).
         forward_loop: instead of ``data``, a function that runs the calibration data through the model it is given,
             ``forward_loop(model)`` (as in NVIDIA ModelOpt): mq calls it once with the prepared model, observers on
@@ -307,8 +388,8 @@ def calibrate(
     for name, flag in (("accumulate", accumulate), ("sync", sync)):
         if not isinstance(flag, bool):
             raise ConfigError(f"{name} must be True or False, got {flag!r}.")
-    group = _sync_group(sync, process_group)
-    agreement = _Agreement(group)
+    group = sync_group(sync, process_group)
+    agreement = RankAgreement(group)
     try:
         if forward_loop is not None:
             return _calibrate_with(model, lambda: _run_loop(model, forward_loop), accumulate, group, agreement)
@@ -318,18 +399,21 @@ def calibrate(
         raise
 
 
-def _sync_group(sync: bool, process_group: dist.ProcessGroup | None) -> dist.ProcessGroup | None:
-    """The group to merge observer statistics over: None when not syncing (off, no process group, one rank)."""
+def sync_group(sync: bool, process_group: dist.ProcessGroup | None) -> dist.ProcessGroup | None:
+    """The group to merge statistics over (``calibrate``'s and ``ptq``'s ``sync``/``process_group``): None when not
+    syncing (off, no process group, one rank)."""
+    if not isinstance(sync, bool):
+        raise ConfigError(f"sync must be True or False, got {sync!r}.")
     if not sync or not dist.is_available() or not dist.is_initialized():
         if process_group is not None and sync:
-            raise ConfigError("calibrate() got a process_group, but torch.distributed is not initialised; call "
+            raise ConfigError("got a process_group, but torch.distributed is not initialised; call "
                               "torch.distributed.init_process_group first (or pass no process_group).")
         return None
     group = process_group if process_group is not None else dist.group.WORLD
     return group if dist.get_world_size(group) > 1 else None
 
 
-class _Agreement:
+class RankAgreement:
     """The one all-reduce by which the ranks of a synced calibration learn whether every rank got through its own
     pass: each rank takes part exactly once, when its pass is done (``confirm``) or when it failed (``fail``), so a
     rank that fails (empty shard, bad batch, the model raising) makes the others fail instead of leaving them
@@ -345,8 +429,8 @@ class _Agreement:
             return
         self.done = True
         if not self._all(True):
-            raise CalibrationError("calibration failed on another rank (see its log), so the observers' statistics "
-                                   "cannot be merged; this rank's calibration is undone too.")
+            raise CalibrationError("calibration (or a PTQ method's data check) failed on another rank (see its "
+                                   "log), so the statistics cannot be merged; this rank stops here too.")
 
     def fail(self) -> None:
         """This rank failed: tell the others (its own error stays the one raised, whatever happens here)."""
@@ -360,8 +444,7 @@ class _Agreement:
 
     def _all(self, ok: bool) -> bool:
         flag = torch.tensor([int(ok)], dtype=torch.int32)
-        dist.all_reduce(flag, dist.ReduceOp.MIN, group=self.group)
-        return bool(flag.item())
+        return bool(all_reduce([flag], dist.ReduceOp.MIN, self.group)[0].item())
 
 
 def sync_observers(model: nn.Module, group: dist.ProcessGroup | None = None) -> None:
@@ -376,9 +459,11 @@ def sync_observers(model: nn.Module, group: dist.ProcessGroup | None = None) -> 
 
 
 def _calibrate(model: nn.Module, data: Any, num_batches: int | None, progress: bool, batch_size: int,
-               accumulate: bool, group: dist.ProcessGroup | None, agreement: _Agreement) -> nn.Module:
+               accumulate: bool, group: dist.ProcessGroup | None, agreement: RankAgreement) -> nn.Module:
     """``calibrate`` after its argument checks; ``group`` is where to sync (None: not at all)."""
     stream, total = _stream(data, num_batches, batch_size)
+    device = model_device(model)
+    stream = (to_device(batch, device) for batch in stream)  # each batch where the model is, as it is read
     first = next(stream, None)
     if first is None:
         raise CalibrationError(
@@ -439,7 +524,7 @@ def _run_loop(model: nn.Module, forward_loop: Callable[[nn.Module], Any]) -> int
 
 
 def _calibrate_with(model: nn.Module, run: Callable[[], int], accumulate: bool, group: dist.ProcessGroup | None,
-                    agreement: _Agreement) -> nn.Module:
+                    agreement: RankAgreement) -> nn.Module:
     """Observers on, ``run()`` the data through the model without gradients, merge across ranks, freeze."""
     was_training = model.training
     try:

@@ -29,13 +29,14 @@ from mq_core.backend import Backend
 from mq_core.errors import ConfigError, MQError, TraceError, describe_exception
 from mq_core.graph.capture import DIM_BOUNDS_META, DYNAMIC_META, export_trace, linears_from_conv1d, trace
 from mq_core.graph.fusion import fuse
+from mq_core.graph.layer_qconfig import LayerQConfigs, layer_name, pattern_matches_name
 from mq_core.graph.ops import MASK_MAGNITUDE, MASK_VALUE_META
-from mq_core.graph.placement import Annotation, Skip, annotate, materialize
+from mq_core.graph.placement import Annotation, QuantizedTensor, Skip, annotate, materialize
 from mq_core.graph.qat_swap import swap_qat_modules
-from mq_core.pipeline.resolve import build_quantizer, import_ref, resolve_backend, resolve_qconfig
+from mq_core.pipeline.resolve import QConfigLike, build_quantizer, import_ref, resolve_backend, resolve_layer_qconfigs
 from mq_core.plugins.lookup import fusion_patterns, get_backend, qat_module_mapping
 from mq_core.quant.fake_quant import FakeQuantizer
-from mq_core.quant.qconfig import QConfig, QConfigPreset
+from mq_core.quant.qconfig import QConfig, QConfigPreset, QuantizerSpec
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +74,15 @@ class PrepareInfo:
     capture: str = "fx"
     #: bounds of each named dynamic dimension of the inputs ({"sequence": (2, 512)}; max None when unbounded)
     dim_bounds: dict[str, tuple[int, int | None]] = field(default_factory=dict)
+    #: per-layer qconfigs, pattern -> QConfig (None: float), as given to ``prepare(qconfig={...})``; ``qconfig`` is
+    #: then the default (``"*"``). Empty when one qconfig covers every layer.
+    layer_qconfigs: dict[str, QConfig | None] = field(default_factory=dict)
+
+    @property
+    def qconfig_name(self) -> str:
+        """The qconfig in words: its name, or each pattern's for per-layer qconfigs (``"*: w4a8, layer4: w8a8"``)."""
+        return qconfig_names(self.qconfig.name,
+                             {p: None if q is None else q.name for p, q in self.layer_qconfigs.items()})
 
     @property
     def backend(self) -> str:
@@ -83,6 +93,7 @@ class PrepareInfo:
         return {
             "backend": self.backend,
             "qconfig": self.qconfig.to_dict(),
+            "layer_qconfigs": {p: None if q is None else q.to_dict() for p, q in self.layer_qconfigs.items()},
             "mode": self.mode,
             "modules": list(self.modules),
             "skip": list(self.skip),
@@ -96,6 +107,14 @@ class PrepareInfo:
     def input_names(self) -> list[str | None]:
         """The name of each input of the prepared graph, in order (None where not recorded)."""
         return [None if spec is None else spec.get("name") for spec in self.inputs]
+
+
+def qconfig_names(default: str, layers: Mapping[str, str | None]) -> str:
+    """A qconfig in words: the default's name, or with per-layer qconfigs (pattern -> name, None for float) each
+    pattern's (``"*: w4a8, layer4: w8a8, fc: float"``)."""
+    if not layers:
+        return default
+    return ", ".join(f"{p}: {'float' if name is None else name}" for p, name in {"*": default, **layers}.items())
 
 
 def as_inputs(example_inputs: Any, model: nn.Module | None = None) -> tuple[Any, ...]:
@@ -257,7 +276,7 @@ def _prepare_graph(
     args: tuple[Any, ...],
     kwargs: dict[str, Any],
     backend: Backend,
-    qconfig: QConfig,
+    qconfigs: LayerQConfigs,
     mode: str,
     skip: Skip,
     leaf_modules: Sequence[type | str],
@@ -278,10 +297,24 @@ def _prepare_graph(
     if attention:
         skip = Skip(skip.names | frozenset(attention), skip.types, skip.functions)
     fuse(gm, fusion_patterns(), mode)
-    swap_qat_modules(gm, qat_module_mapping(), lambda ch_axis: build_quantizer(qconfig.weight, ch_axis, exact), skip)
+    floats = qconfigs.float_nodes(gm.graph)  # layers a per-layer qconfig leaves in float are skipped
+    if floats:
+        skip = Skip(skip.names | floats, skip.types, skip.functions)
+    swap_qat_modules(gm, qat_module_mapping(), lambda ch_axis, node: build_quantizer(
+        (qconfigs.for_node(node) or qconfigs.default).weight, ch_axis, exact), skip, backend.placement.weight_kinds)
     _propagate_shapes(gm, values)
     ann = annotate(gm, backend.placement, skip)
-    materialize(gm, ann, qconfig.activation, lambda spec: build_quantizer(spec, exact=exact))
+
+    # the layer each activation quantizer follows, decided before materialize rewires the consumers
+    owners = {producer: qconfigs.owner(producer, [u for u in (producer.users if r.consumers is None else r.consumers)
+                                                 if u.op != "output"]) for producer, r in ann.tensors.items()}
+
+    def activation_spec(record: QuantizedTensor) -> QuantizerSpec:
+        return (qconfigs.for_node(owners[record.producer]) or qconfigs.default).activation
+
+    materialize(gm, ann, activation_spec, lambda spec: build_quantizer(spec, exact=exact))
+    for producer, record in ann.tensors.items():
+        gm.get_submodule(record.quantizer).layer = layer_name(owners[producer])
     gm.train(module.training)
     return gm, _placement_table(ann), values, used
 
@@ -383,6 +416,21 @@ def _check_names(option: str, names: Iterable[str], known: set[str], where: str)
                           "model.named_modules() lists them.")
 
 
+def _check_patterns(qconfigs: LayerQConfigs, layers: set[str], where: str) -> None:
+    """Every per-layer qconfig pattern names a module or layer of the model (a misspelled one would silently
+    quantize that layer with the default); a ConfigError naming the closest names otherwise."""
+    for pattern, _qconfig in qconfigs.rules:
+        if any(pattern_matches_name(pattern, name) for name in layers):
+            continue
+        literal = pattern.split("*")[0].split("?")[0].split("[")[0] or pattern
+        near = difflib.get_close_matches(literal, sorted(layers), n=5, cutoff=0.5)
+        hint = f"close names: {', '.join(map(repr, near))}." if near else (
+            f"names there include {', '.join(sorted(n for n in layers if '.' not in n)[:10])}.")
+        raise ConfigError(f"qconfig: the pattern {pattern!r} matches no module or layer of {where}; {hint} Patterns "
+                          "are module paths as model.named_modules() lists them (a path covers its sub-modules; "
+                          "'*' and '?' are wildcards), or '*' for the default.")
+
+
 def _module_names(roots: Iterable[nn.Module]) -> set[str]:
     """Qualified names of the sub-modules of each root (relative to it)."""
     return {name for root in roots for name, _ in root.named_modules() if name}
@@ -392,7 +440,7 @@ def prepare(
     model: nn.Module,
     backend: Backend | str,
     example_inputs: Any,
-    qconfig: QConfig | QConfigPreset | str | None = None,
+    qconfig: QConfigLike | Mapping[str, QConfigLike] = None,
     mode: str = "ptq",
     *,
     modules: Sequence[str] | None = None,
@@ -415,7 +463,14 @@ def prepare(
             shapes and dtypes are recorded: calibration data must match them in every dimension but the dynamic
             ones (the batch; with torch.export capture also the sequence dimension of integer inputs). The
             prepared model takes the inputs in this order, by position or by name.
-        qconfig: ``None`` for the backend's default, a preset name (``"w4a4"``), a preset or a full QConfig.
+        qconfig: ``None`` for the backend's default, a preset name (``"w4a4"``), a preset or a full QConfig; or
+            per-layer qconfigs, a dict of module-path patterns to any of those or ``"float"`` (``{"layer4": "w8a8",
+            "*": "w4a8", "fc": "float"}``): a pattern covers the module it names and its sub-tree, ``fnmatch``
+            wildcards allowed, the most specific match wins and ``"*"`` is the default. A weight follows its
+            layer; an activation quantizer follows the layer producing the tensor (for a network input, or the
+            output of a float layer, its first quantized consumer). Rules in ``mq_core.graph.layer_qconfig``; a
+            pattern that names nothing in the model is a ``ConfigError`` naming the closest names, and a bit width
+            the target cannot run a ``SchemeError`` naming the pattern.
         mode: ``"ptq"`` (BN folded now, model in eval mode) or ``"qat"`` (BN kept and its folding simulated).
         modules: quantize only these sub-modules (qualified names, e.g. ``["backbone"]``).
         skip: layers to leave in float: module names (or fx node names), module types or functions (e.g.
@@ -435,9 +490,9 @@ def prepare(
         raise ConfigError(f"mode must be one of {MODES}, got {mode!r}.")
     if capture not in CAPTURES:
         raise ConfigError(f"capture must be one of {CAPTURES}, got {capture!r}.")
-    if qconfig is not None and not isinstance(qconfig, QConfig | QConfigPreset | str):
+    if qconfig is not None and not isinstance(qconfig, QConfig | QConfigPreset | str | Mapping):
         raise ConfigError(f"qconfig must be None (the backend's default), a preset name such as 'w4a4', a "
-                          f"QConfigPreset or a QConfig; got {qconfig!r}.")
+                          f"QConfigPreset, a QConfig or a dict of per-layer qconfigs; got {qconfig!r}.")
     for flag, value in (("exact", exact), ("inplace", inplace)):
         if not isinstance(value, bool):
             raise ConfigError(f"{flag} must be True or False, got {value!r}.")
@@ -451,13 +506,14 @@ def prepare(
     where = "the model" if not modules else f"the quantized sub-module(s) {', '.join(modules)} (names relative to them)"
     _check_names("leaf_modules", (n for n in leaf_modules if isinstance(n, str)), quantized, where)
     backend = resolve_backend(backend)
-    resolved = resolve_qconfig(backend, qconfig)
+    qconfigs = resolve_layer_qconfigs(backend, qconfig)
+    resolved = qconfigs.default
     args, kwargs = split_inputs(example_inputs)
     skipper = Skip.build(skip_items)
     root = model if inplace else copy.deepcopy(model)
     if mode == "ptq":
         root.eval()
-    common = dict(backend=backend, qconfig=resolved, mode=mode, skip=skipper, leaf_modules=leaf_modules,
+    common = dict(backend=backend, qconfigs=qconfigs, mode=mode, skip=skipper, leaf_modules=leaf_modules,
                   concrete_args=concrete_args, preserved_attributes=preserved_attributes, exact=exact,
                   capture=capture)
     placements: dict[str, list[dict[str, Any]]] = {}
@@ -482,6 +538,7 @@ def prepare(
     layers = quantized | {node.name for gm in graphs for node in gm.graph.nodes if node.op != "output" and not (
         node.op == "call_module" and isinstance(gm.get_submodule(str(node.target)), FakeQuantizer))}
     _check_names("skip", (n for n in skip_items if isinstance(n, str)), layers, where)
+    _check_patterns(qconfigs, layers, where)
     result.mq_info = PrepareInfo(
         target=backend,
         qconfig=resolved,
@@ -496,12 +553,13 @@ def prepare(
         inputs=specs,
         capture="export" if "export" in used else "fx",
         dim_bounds=bounds,
+        layer_qconfigs=dict(qconfigs.rules) if isinstance(qconfig, Mapping) else {},
     )
     if isinstance(result, fx.GraphModule):
         # GraphModule.__deepcopy__ rebuilds the module from its graph and drops plain attributes such as mq_info;
         # it re-attaches the ones listed under this meta key (as torch's own prepare_fx does).
         result.meta.setdefault(_PRESERVED_KEY, {})["mq_info"] = result.mq_info
-    log.info("prepared %s for %s (%s, %s)", type(model).__name__, backend.name, resolved.name, mode)
+    log.info("prepared %s for %s (%s, %s)", type(model).__name__, backend.name, result.mq_info.qconfig_name, mode)
     return result
 
 

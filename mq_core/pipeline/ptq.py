@@ -9,6 +9,12 @@ of the ``"float"`` stage (CLE) rewrites the float weights, which every range mea
 must come before the ``"calibrated"`` ones (which start from calibrated qparams), and ``mq.ptq`` calibrates the
 model again, on the data it was given, after the last of them. That is also why such a method accepts a model
 that was never calibrated.
+
+Data is streamed: a method gets a ``CalibrationData``, which reads the data anew on every ``iter()`` (one batch at a
+time, moved to the model's device) and holds none of it, so a method reads it once per pass and keeps only the
+statistics (or, for reconstruction, the one unit's cache) it needs. Under ``torch.distributed`` each rank passes
+its shard (a ``DataLoader`` with a ``DistributedSampler``) and ``data.group`` names the ranks whose statistics a
+method merges (docs/algorithms.md, "Streaming and memory").
 """
 
 from __future__ import annotations
@@ -19,10 +25,17 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+import torch.distributed as dist
 from torch import nn
 
 from mq_core.errors import CalibrationError, ConfigError
-from mq_core.pipeline.calibrate import calibrate, iter_batches, model_inputs
+from mq_core.pipeline.calibrate import (
+    CalibrationData,
+    RankAgreement,
+    calibrate,
+    model_device,
+    sync_group,
+)
 from mq_core.pipeline.prepare import prepare_info
 from mq_core.plugins.lookup import get_ptq_method
 from mq_core.quant.switches import quantizers
@@ -57,7 +70,10 @@ class PTQMethod:
         hints = typing.get_type_hints(self.Config)
         return self.Config(**{key: _coerce(self.name, key, value, hints.get(key)) for key, value in overrides.items()})
 
-    def apply(self, qmodel: nn.Module, data: list[Any], config: Any, progress: bool) -> None:
+    def apply(self, qmodel: nn.Module, data: CalibrationData, config: Any, progress: bool) -> None:
+        """Change ``qmodel`` in place. ``data`` is re-iterable: iterate it once per pass over the calibration data
+        (each batch is already on the model's device); keep statistics, not batches. Statistics meant to cover the
+        data set are merged over ``data.group`` when it is not None (every rank holds a shard)."""
         raise NotImplementedError
 
 
@@ -162,6 +178,8 @@ def ptq(
     *,
     num_batches: int | None = None,
     progress: bool = True,
+    sync: bool = True,
+    process_group: dist.ProcessGroup | None = None,
     **overrides: Any,
 ) -> nn.Module:
     """Apply registered PTQ methods to a prepared model, in order (in place; also returned).
@@ -171,11 +189,17 @@ def ptq(
             list of names run in that order (``"cle,bias_correction,adaround"``), a PTQMethod or a list of them.
             Methods of the "float" stage (``cle``) come first; the model is calibrated again on ``data`` after them.
         data: calibration data, by ``mq.calibrate``'s rule (``mq_core.pipeline.calibrate.iter_batches``): a tensor
-            ``[N, ...]`` of samples, a Dataset, a DataLoader or an iterable of batches (mq-algos'
-            methods use every sample, so how a tensor is split into batches does not matter to them).
+            ``[N, ...]`` of samples, a Dataset, a DataLoader or a re-iterable of batches (a list; not a generator:
+            methods read the data once per pass, several passes). It is streamed, never held (mq-algos' methods
+            use every sample, so how a tensor is split into batches does not matter to them).
         config: the method's ``Config`` (a single method only); or pass options as keyword ``overrides``
             (``iterations=500``, or ``adaround.iterations=500`` for one method of a list: ``ptq_plan``).
-        num_batches: use at most this many batches.
+        num_batches: use at most this many batches (per pass).
+        sync: under an initialised ``torch.distributed`` group of more than one rank, each rank passes its own shard
+            and the methods merge their statistics across the ranks (as ``mq.calibrate`` does), so every rank ends
+            with the same model, that of one process on the union of the shards (docs/algorithms.md). Every rank
+            must call ``ptq``. ``False``: each rank on its own.
+        process_group: the group to merge over (default: the world).
     """
     prepare_info(qmodel)
     plan = ptq_plan(method, config, **overrides)
@@ -186,14 +210,22 @@ def ptq(
             f"{names} runs after calibration, but {len(missing)} quantizer(s) are uncalibrated "
             f"({', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}). Run mq.calibrate(qmodel, data) first."
         )
-    batches = list(iter_batches(data, num_batches))
-    if not batches:
-        raise CalibrationError(f"{names} needs calibration data; the data given is empty.")
-    for index, batch in enumerate(batches, 1):
-        model_inputs(qmodel, batch, index=index)  # wrong shapes fail here, not deep inside the method
+    group = sync_group(sync, process_group)
+    agreement = RankAgreement(group)  # a rank whose data is bad makes the others fail too, instead of waiting
+    try:
+        # every batch is checked as it is read: a wrong shape fails with its number, not deep inside the method
+        batches = CalibrationData(data, num_batches=num_batches, device=model_device(qmodel), group=group,
+                                  check=qmodel)
+        if next(iter(batches), None) is None:
+            raise CalibrationError(f"{names} needs calibration data; the data given is empty.")
+    except BaseException:
+        agreement.fail()
+        raise
+    agreement.confirm()
     for position, (chosen, cfg) in enumerate(plan):
         chosen.apply(qmodel, batches, cfg, progress)
         following = plan[position + 1][0] if position + 1 < len(plan) else None
         if chosen.stage == "float" and (following is None or following.stage != "float"):
-            calibrate(qmodel, batches, progress=progress)  # the float weights changed: every range is measured anew
+            # the float weights changed: every range is measured anew (merged over the same ranks)
+            calibrate(qmodel, batches, progress=progress, sync=group is not None, process_group=group)
     return qmodel

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +33,8 @@ def quantize(
     *,
     forward_loop: Callable[[nn.Module], Any] | None = None,
     eval_fn: Callable[[nn.Module], float] | None = None,
-    qconfig: QConfig | QConfigPreset | str | None = None,
+    qconfig: QConfig | QConfigPreset | str | Mapping[str, QConfig | QConfigPreset | str | None] | None = None,
+    accuracy_budget: float | None = None,
     method: str | None = None,
     method_options: dict[str, Any] | None = None,
     observer: str | None = None,
@@ -45,6 +46,7 @@ def quantize(
     num_batches: int | None = None,
     model_ref: str | None = None,
     progress: bool = False,
+    report: bool = True,
     **prepare_options: Any,
 ) -> tuple[nn.Module, QuantizeSummary]:
     """Quantize ``model`` for ``backend``, export its artifacts, verify them in real runtimes; ``mq quantize`` in
@@ -63,7 +65,11 @@ def quantize(
         eval_fn: ``eval_fn(model) -> float``, an accuracy in percent, applied to the float model, the simulation
             and the deployed artifact (a ``mq.RuntimeModule``).
         qconfig: a preset name (``"w8a8"``, ``"w4a4"``, ``"reduce-range"``), a preset or a QConfig; default the
-            backend's.
+            backend's. Or per-layer qconfigs, ``{"layer4": "w8a8", "*": "w4a8", "fc": "float"}`` (``mq.prepare``).
+        accuracy_budget: search per-layer bit widths (or float) first, starting from ``qconfig`` everywhere, that
+            stay within this many points of ``eval_fn`` below the float model (without ``eval_fn``: dB of output
+            SQNR below the all-8-bit model); ``result.mixed_precision`` says what it chose
+            (``mq.search_mixed_precision``).
         method, method_options: a PTQ method after calibration (``"adaround"``, needs mq-algos) and its options.
         observer: the activation observer that calibrates (``"minmax"``, ``"percentile"``, ``"mse"``, ``"kl"``).
         out: output folder; ``out/<backend>/`` receives ``qmodel.pt`` and one folder per exporter. Default: a new
@@ -75,6 +81,8 @@ def quantize(
         batch_size, num_batches: batching of tensor or Dataset data; at most this many batches per pass.
         model_ref: ``"pkg.module:factory"`` recorded in the checkpoint, so ``mq export`` can rebuild the model.
         progress: progress bars (stderr).
+        report: write ``report.json`` and ``report.html`` into ``out`` (the summary, the layer-wise verification and
+            ``mq.sensitivity`` on two calibration batches; docs/getting-started.md, "The report").
         prepare_options: passed to ``mq.prepare`` (``skip``, ``modules``, ``leaf_modules``, ...).
 
     Returns:
@@ -99,6 +107,8 @@ def quantize(
         model, [backend], calib, out, eval_fn=eval_fn, forward_loop=forward_loop, keep_models=True, device=device,
         progress=progress, qconfig=qconfig, observer=observer, method=method, method_options=method_options,
         verify_inputs=verify_inputs, input_shapes=input_shapes, model_ref=model_ref, prepare_options=prepare_options,
+        accuracy_budget=accuracy_budget,
+        report=report,
     )
     qmodel = summary.outcome.qmodel
     assert qmodel is not None

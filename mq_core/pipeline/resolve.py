@@ -11,10 +11,12 @@ from __future__ import annotations
 import inspect
 import pkgutil
 import sys
+from collections.abc import Mapping
 from typing import Any
 
 from mq_core.backend import Backend
-from mq_core.errors import ConfigError
+from mq_core.errors import ConfigError, MQError
+from mq_core.graph.layer_qconfig import DEFAULT_PATTERN, LayerQConfigs
 from mq_core.plugins.lookup import get_backend, get_fake_quantizer, get_observer, get_qconfig
 from mq_core.quant.fake_quant import FakeQuantizer
 from mq_core.quant.qconfig import QConfig, QConfigPreset, QuantizerSpec
@@ -40,6 +42,58 @@ def resolve_qconfig(backend: Backend | str, qconfig: QConfig | QConfigPreset | s
         resolved = get_qconfig(qconfig).apply(target.qconfig)
     target.check(resolved)
     return resolved
+
+
+#: What ``prepare(qconfig=...)`` takes for one layer: the backend's default (None), a preset name, a preset or a
+#: QConfig. A per-layer mapping also takes "float" (or None) for a layer left unquantized.
+QConfigLike = QConfig | QConfigPreset | str | None
+#: The name a per-layer qconfig mapping gives a layer left in float.
+FLOAT = "float"
+
+
+def resolve_layer_qconfigs(backend: Backend | str, qconfig: QConfigLike | Mapping[str, QConfigLike]) -> LayerQConfigs:
+    """``prepare``'s ``qconfig`` as per-layer rules: one qconfig for every layer, or a mapping of module-path
+    patterns (``{"layer4": "w8a8", "*": "w4a8", "fc": "float"}``, see ``mq_core.graph.layer_qconfig``) to qconfigs.
+    Each value is resolved and checked against the target now, and an error names the pattern it came from."""
+    target = resolve_backend(backend)
+    if not isinstance(qconfig, Mapping):
+        return LayerQConfigs(resolve_qconfig(target, qconfig))
+    if not qconfig:
+        raise ConfigError("the per-layer qconfig mapping is empty; give at least the default, e.g. {'*': 'w8a8'}.")
+    rules: list[tuple[str, QConfig | None]] = []
+    for pattern, value in qconfig.items():
+        if not isinstance(pattern, str) or not pattern.strip():
+            raise ConfigError(f"per-layer qconfig keys are module-path patterns such as 'layer4' or '*', got "
+                              f"{pattern!r}.")
+        if value is None or value == FLOAT:
+            rules.append((pattern, None))
+            continue
+        if not isinstance(value, QConfig | QConfigPreset | str):
+            raise ConfigError(f"qconfig for {pattern!r} must be a preset name such as 'w8a8', 'float', a QConfigPreset "
+                              f"or a QConfig; got {value!r}.")
+        try:
+            rules.append((pattern, resolve_qconfig(target, value)))
+        except MQError as exc:
+            raise type(exc)(f"qconfig for layer {pattern!r}: {exc}") from None
+    default = dict(rules).get(DEFAULT_PATTERN) or target.qconfig
+    return LayerQConfigs(default, tuple(rules))
+
+
+def with_observer(backend: Backend | str, qconfig: QConfigLike | Mapping[str, QConfigLike], observer: str | None
+                  ) -> QConfigLike | dict[str, QConfigLike]:
+    """``qconfig`` on ``backend`` with its activation observer replaced by ``observer`` (``--observer``), the
+    calibration method of every activation quantizer; weights keep theirs (a weight is known exactly, so min/max
+    of it is what the targets use). Per-layer qconfigs get it in every layer that is not float."""
+    if observer is None:
+        return qconfig
+    get_observer(observer)  # an unknown name fails here, with the installed observers listed
+    if isinstance(qconfig, Mapping):
+        chosen = {pattern: value if value is None or value == FLOAT else with_observer(backend, value, observer)
+                  for pattern, value in qconfig.items()}
+        return chosen if "*" in chosen else {"*": with_observer(backend, None, observer), **chosen}
+    resolved = resolve_qconfig(backend, qconfig)
+    activation = resolved.activation.replace(observer=observer, observer_options={})
+    return QConfig(resolved.weight, activation, name=f"{resolved.name}, {observer} observer")
 
 
 def build_quantizer(spec: QuantizerSpec, ch_axis: int | None = None, exact: bool = True) -> FakeQuantizer:

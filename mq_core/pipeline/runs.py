@@ -30,12 +30,12 @@ def trailer(failures: Sequence[str], skipped: Sequence[str], notes: Sequence[str
                     *(f"\nnote: {n}" for n in notes)])
 
 
-def _flatten(outputs: Any) -> list[torch.Tensor]:
+def flatten_outputs(outputs: Any) -> list[torch.Tensor]:
     if isinstance(outputs, torch.Tensor):
         return [outputs]
     if isinstance(outputs, dict):
         outputs = list(outputs.values())
-    return [t for o in outputs for t in _flatten(o)]
+    return [t for o in outputs for t in flatten_outputs(o)]
 
 
 def run_observed(
@@ -62,7 +62,7 @@ def run_observed(
     qmodel.eval()
     try:
         with torch.no_grad():
-            outputs = _flatten(qmodel(*inputs))
+            outputs = flatten_outputs(qmodel(*inputs))
     finally:
         qmodel.train(was_training)
         for hook in hooks:
@@ -118,7 +118,7 @@ def run_float(qmodel: nn.Module, inputs: Sequence[Any]) -> list[torch.Tensor]:
         for fq in fqs:
             fq.enable_quantization(False)
         with torch.no_grad():
-            return _flatten(qmodel(*inputs))
+            return flatten_outputs(qmodel(*inputs))
     finally:
         for fq, state in zip(fqs, states):
             fq.enable_quantization(state)

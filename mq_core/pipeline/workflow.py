@@ -30,16 +30,18 @@ from mq_core.errors import CalibrationError, ConfigError, MQError, VerificationE
 from mq_core.export import ExportResult
 from mq_core.export.manifest import is_export_folder
 from mq_core.io import check_replaceable, check_writable, staged_directory
-from mq_core.pipeline.calibrate import DEFAULT_BATCH_SIZE, calibrate, iter_batches, model_inputs
+from mq_core.pipeline.calibrate import CalibrationData, calibrate, model_device, model_inputs, to_device
 from mq_core.pipeline.export import export_many
+from mq_core.pipeline.mixed_precision import MixedPrecisionResult, search_mixed_precision
 from mq_core.pipeline.prepare import prepare, prepare_info
 from mq_core.pipeline.ptq import ptq
-from mq_core.pipeline.resolve import resolve_qconfig
+from mq_core.pipeline.resolve import QConfigLike, with_observer
 from mq_core.pipeline.runs import select_runtimes
 from mq_core.pipeline.runtime_module import RuntimeModule
+from mq_core.pipeline.sensitivity import SensitivityReport, sensitivity
 from mq_core.pipeline.verify import VerificationReport, verify
-from mq_core.plugins.lookup import get_backend, get_exporter, get_observer, list_backends
-from mq_core.quant.qconfig import QConfig, QConfigPreset
+from mq_core.plugins.lookup import get_backend, get_exporter, list_backends
+from mq_core.report import write_report
 from mq_core.text import render_table
 
 log = logging.getLogger(__name__)
@@ -48,6 +50,10 @@ EvalFn = Callable[[nn.Module], float]
 ForwardLoop = Callable[[nn.Module], Any]
 #: The prepared model's checkpoint in each backend folder, beside one folder per exporter.
 CHECKPOINT = "qmodel.pt"
+#: Samples of the example batch the report's sensitivity analysis runs (``mq quantize`` without ``--no-report``):
+#: few, because the analysis costs about 2K + 3 runs of the model over them for K quantizers (``mq.sensitivity``);
+#: on ResNet-18 (50 quantizers) at 224x224 that is about 100 forward passes of 8 images.
+REPORT_SAMPLES = 8
 #: What a run may replace (see ``mq_core.io.check_replaceable``).
 BACKEND_FOLDER = "a backend folder of `mq quantize` (no qmodel.pt or export written by mq)"
 
@@ -69,6 +75,10 @@ class BackendOutcome:
     error: str | None = None
     #: the prepared, calibrated model (on the CPU); kept by ``mq.quantize``, dropped by ``mq quantize``
     qmodel: nn.Module | None = field(default=None, repr=False, compare=False)
+    #: ``mq.sensitivity`` of the prepared model on a few calibration batches, for the report (None without one)
+    sensitivity: SensitivityReport | None = field(default=None, repr=False, compare=False)
+    #: the per-layer qconfigs ``--accuracy-budget`` chose (``mq.search_mixed_precision``; None without a budget)
+    mixed_precision: MixedPrecisionResult | None = field(default=None, compare=False)
 
     @property
     def passed(self) -> bool:
@@ -111,7 +121,8 @@ class BackendOutcome:
                 "deployed_accuracy": self.deployed_accuracy, "deployed_runtime": self.deployed_runtime,
                 "checkpoint": str(self.checkpoint) if self.checkpoint else None,
                 "artifacts": {e: [str(a.path) for a in r.artifacts] for e, r in self.results.items()},
-                "verification": {e: r.to_dict() for e, r in self.reports.items()}, "timings": self.timings}
+                "verification": {e: r.to_dict() for e, r in self.reports.items()}, "timings": self.timings,
+                "mixed_precision": self.mixed_precision.to_dict() if self.mixed_precision else None}
 
 
 def _percent(value: float | None) -> str:
@@ -130,6 +141,8 @@ class QuantizeSummary:
     float_accuracy: float | None
     outcomes: list[BackendOutcome]
     out_dir: Path
+    #: the run's report.html (report.json beside it); None when the run wrote no report
+    report: Path | None = None
 
     @property
     def passed(self) -> bool:
@@ -170,6 +183,11 @@ class QuantizeSummary:
     def checkpoint(self) -> Path | None:
         return self.outcome.checkpoint
 
+    @property
+    def mixed_precision(self) -> MixedPrecisionResult | None:
+        """The mixed-precision choice of ``accuracy_budget`` (the first backend's that has one), else None."""
+        return next((o.mixed_precision for o in self.outcomes if o.mixed_precision is not None), None)
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready (``mq quantize --json``)."""
         return {"passed": self.passed, "float_accuracy": self.float_accuracy, "out_dir": str(self.out_dir),
@@ -203,6 +221,8 @@ class QuantizeSummary:
                 for artifact in result.artifacts:
                     lines.append(f"  {result.exporter:<16} {artifact.kind:<22} {artifact.path}")
             lines.append("  timings: " + ", ".join(f"{k} {v:.1f}s" for k, v in o.timings.items()))
+            if o.mixed_precision is not None:
+                lines.extend(f"  {line}" for line in o.mixed_precision.lines())
             lines.extend(f"  note: {note}" for note in o.notes)
             for exporter, report in o.reports.items():
                 if report.layers is not None:
@@ -211,6 +231,8 @@ class QuantizeSummary:
             for exporter, report in o.reports.items():
                 if not report.passed:
                     lines.append(f"  verification of {exporter} FAILED:\n" + report.table())
+        if self.report is not None:
+            lines.append(f"\nreport: {self.report} (data: {self.report.with_suffix('.json').name})")
         lines.append("\n" + ("PASS: every artifact agrees with the simulation (within tolerance, or drift with "
                               "every op within one step locally)." if self.passed else "FAIL: see above."))
         return "\n".join(lines)
@@ -273,47 +295,6 @@ def resolve_device(device: str | torch.device | None) -> torch.device | None:
     elif resolved.type != "cpu":
         raise ConfigError(f"device {device!r}: mq calibrates on 'cpu' or 'cuda' devices only.")
     return resolved
-
-
-def to_device(batch: Any, device: torch.device) -> Any:
-    """``batch`` with every tensor in it (inside tuples, lists and dicts) moved to ``device``."""
-    if isinstance(batch, torch.Tensor):
-        return batch.to(device)
-    if isinstance(batch, Mapping):
-        return {key: to_device(value, device) for key, value in batch.items()}
-    if isinstance(batch, (tuple, list)):
-        return type(batch)(to_device(item, device) for item in batch)
-    return batch
-
-
-def model_device(model: nn.Module) -> torch.device:
-    """Where a model's parameters (else its buffers) live; the CPU for a model with neither."""
-    tensor = next(model.parameters(), None)
-    if tensor is None:
-        tensor = next(model.buffers(), None)
-    return tensor.device if tensor is not None else torch.device("cpu")
-
-
-class CalibrationData:
-    """Calibration data as ``mq.calibrate`` reads it (``iter_batches``: a tensor ``[N, ...]`` split into batches, a
-    Dataset batched, any other iterable one batch per item), re-iterable: the workflow reads it once per stage and
-    backend. With ``device``, each batch is moved there as it is read."""
-
-    def __init__(self, data: Any, batch_size: int = DEFAULT_BATCH_SIZE, num_batches: int | None = None,
-                 device: torch.device | None = None) -> None:
-        if isinstance(data, Iterator):
-            raise CalibrationError("calibration data is a one-shot iterator (a generator?), but it is read more than "
-                                   "once; pass a list of batches, a DataLoader or another re-iterable object.")
-        iter_batches(data, num_batches, batch_size)  # bad data or options fail now, before any model work
-        self.data, self.batch_size, self.num_batches, self.device = data, batch_size, num_batches, device
-
-    def __iter__(self) -> Iterator[Any]:
-        for batch in iter_batches(self.data, self.num_batches, self.batch_size):
-            yield batch if self.device is None else to_device(batch, self.device)
-
-    def on(self, device: torch.device | None) -> CalibrationData:
-        """The same data, moved to ``device`` as it is read."""
-        return CalibrationData(self.data, self.batch_size, self.num_batches, device)
 
 
 class _Captured(Exception):
@@ -447,17 +428,27 @@ def write_outputs(qmodel: nn.Module, example: tuple[torch.Tensor, ...], folder: 
     return folder / CHECKPOINT, {name: result.moved_to(folder / name) for name, result in results.items()}
 
 
-def with_observer(backend: Any, qconfig: QConfig | QConfigPreset | str | None, observer: str | None
-                  ) -> QConfig | QConfigPreset | str | None:
-    """``qconfig`` on ``backend`` with its activation observer replaced by ``observer`` (``--observer``), the
-    calibration method of every activation quantizer; weights keep theirs (a weight is known exactly, so min/max
-    of it is what the targets use)."""
-    if observer is None:
-        return qconfig
-    get_observer(observer)  # an unknown name fails here, with the installed observers listed
-    resolved = resolve_qconfig(backend, qconfig)
-    activation = resolved.activation.replace(observer=observer, observer_options={})
-    return QConfig(resolved.weight, activation, name=f"{resolved.name}, {observer} observer")
+def _head(batch: Any, samples: int) -> Any:
+    """The first ``samples`` samples of ``batch`` (every tensor with a batch dimension in it, nested as
+    ``to_device`` walks it)."""
+    if isinstance(batch, torch.Tensor):
+        return batch[:samples] if batch.dim() else batch
+    if isinstance(batch, Mapping):
+        return {key: _head(value, samples) for key, value in batch.items()}
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(_head(item, samples) for item in batch)
+    return batch
+
+
+def _report_sensitivity(qmodel: nn.Module, example: tuple[Any, ...]) -> SensitivityReport | None:
+    """``mq.sensitivity`` on the first ``REPORT_SAMPLES`` samples of the example batch, by output SQNR (never the
+    user's eval: it may be slow, and the report is a by-product). A model it cannot analyse gets a report without
+    the sensitivity parts, not a failed run."""
+    try:
+        return sensitivity(qmodel, [_head(example, REPORT_SAMPLES)])
+    except MQError as exc:
+        log.warning("the report has no sensitivity analysis: %s", exc)
+        return None
 
 
 def _cpu(inputs: tuple[Any, ...]) -> tuple[Any, ...]:
@@ -471,7 +462,7 @@ def quantize_for_backend(
     out_dir: Path,
     *,
     forward_loop: ForwardLoop | None = None,
-    qconfig: QConfig | QConfigPreset | str | None = None,
+    qconfig: QConfigLike | Mapping[str, QConfigLike] = None,
     observer: str | None = None,
     method: str | None = None,
     method_options: dict[str, Any] | None = None,
@@ -482,13 +473,17 @@ def quantize_for_backend(
     model_ref: str | None = None,
     prepare_options: dict[str, Any] | None = None,
     progress: bool = True,
+    analyze: bool = False,
+    accuracy_budget: float | None = None,
 ) -> BackendOutcome:
     """Prepare, calibrate (on ``calib`` batches, or by calling ``forward_loop(qmodel)``), optionally PTQ, export
-    with all the backend's exporters, verify and evaluate.
+    with all the backend's exporters, verify and evaluate; with ``analyze``, ``mq.sensitivity`` of the prepared
+    model on the first ``REPORT_SAMPLES`` samples of the example batch for the report.
 
     ``out_dir/<backend>/`` receives the checkpoint (``qmodel.pt``) and one folder per exporter, replacing that
     backend folder of an earlier run as a whole (see ``write_outputs``). The outcome holds the prepared model
-    (``qmodel``, on the CPU).
+    (``qmodel``, on the CPU). With ``accuracy_budget``, ``mq.search_mixed_precision`` first chooses per-layer
+    qconfigs starting from ``qconfig`` (``outcome.mixed_precision``), and the model is prepared with them.
     """
     resolved = get_backend(backend)
     outcome = BackendOutcome(resolved.name, method=method)
@@ -502,15 +497,23 @@ def quantize_for_backend(
         example = shaped_inputs(example, input_shapes)
     folder = out_dir / resolved.name
     check_replaceable(folder, owned=is_backend_folder, what=BACKEND_FOLDER)  # now, not after calibrating
-    names = ["prepare", "calibrate", *(["ptq"] if method else []), "export", "verify",
+    names = [*(["mixed precision"] if accuracy_budget is not None else []), "prepare", "calibrate",
+             *(["ptq"] if method else []), "export", "verify",
+             *(["sensitivity"] if analyze else []),
              *(["evaluate (simulation)", "evaluate (runtime)"] if eval_fn is not None else [])]
     stages = _Stages(resolved.name, names, outcome.timings, progress)
     inner = stages.inner_progress
     try:
-        qmodel = stages.run("prepare", lambda: prepare(model, resolved, example,
-                                                       qconfig=with_observer(resolved, qconfig, observer),
+        chosen = with_observer(resolved, qconfig, observer) if accuracy_budget is None else None
+        if accuracy_budget is not None:
+            outcome.mixed_precision = stages.run("mixed precision", lambda: search_mixed_precision(
+                model, resolved, example, None if calib is None else CalibrationData(calib).on(model_device(model)),
+                forward_loop=None if calib is not None else forward_loop, accuracy_budget=accuracy_budget,
+                eval_fn=eval_fn, qconfig=qconfig, observer=observer, **(prepare_options or {})))
+            chosen = outcome.mixed_precision.qconfig
+        qmodel = stages.run("prepare", lambda: prepare(model, resolved, example, qconfig=chosen,
                                                        **(prepare_options or {})))
-        outcome.qconfig = qmodel.mq_info.qconfig.name
+        outcome.qconfig = qmodel.mq_info.qconfig_name
         if device is not None:
             qmodel.to(device)
         on_device = None if calib is None else CalibrationData(calib).on(model_device(qmodel))
@@ -528,6 +531,8 @@ def quantize_for_backend(
         inputs = _cpu(verify_inputs) if verify_inputs else example
         outcome.reports = stages.run("verify", lambda: {
             name: verify(result, inputs) for name, result in outcome.results.items()})
+        if analyze:
+            outcome.sensitivity = stages.run("sensitivity", lambda: _report_sensitivity(qmodel, example))
         if eval_fn is not None:
             outcome.sim_accuracy = stages.run("evaluate (simulation)", lambda: float(eval_fn(qmodel)))
             stages.run("evaluate (runtime)", lambda: _deployed_accuracy(outcome, qmodel, eval_fn))
@@ -548,9 +553,12 @@ def quantize_for_backends(
     keep_models: bool = False,
     device: str | torch.device | None = None,
     progress: bool = True,
+    report: bool = True,
     **options: Any,
 ) -> QuantizeSummary:
     """``quantize_for_backend`` for each backend; with ``keep_going`` one backend's error does not stop the rest.
+    With ``report``, ``report.json`` and ``report.html`` are written into ``out_dir`` (``mq_core.report``), with the
+    sensitivity analysis of the first backend that quantizes.
 
     Calibration comes from ``calib`` (re-iterable batches) or, when it is None, from ``forward_loop``, which
     ``mq.calibrate`` calls with the prepared model. ``keep_models`` keeps each backend's prepared model in its
@@ -576,8 +584,9 @@ def quantize_for_backends(
     try:
         for name in bar:
             try:
+                analyze = report and not any(o.sensitivity for o in outcomes)
                 outcome = quantize_for_backend(model, name, calib, out, eval_fn=eval_fn, forward_loop=forward_loop,
-                                               device=target, progress=progress, **options)
+                                               device=target, progress=progress, analyze=analyze, **options)
             except MQError as exc:
                 if not keep_going:
                     raise
@@ -588,4 +597,10 @@ def quantize_for_backends(
             outcomes.append(outcome)
     finally:
         bar.close()
-    return QuantizeSummary(float_accuracy, outcomes, out)
+    summary = QuantizeSummary(float_accuracy, outcomes, out)
+    if report:
+        analysed = next((o.sensitivity for o in outcomes if o.sensitivity is not None), None)
+        summary.report = write_report(out, summary=summary, sensitivity=analysed,
+                                      mixed_precision=summary.mixed_precision,
+                                      model=options.get("model_ref") or type(model).__name__)
+    return summary

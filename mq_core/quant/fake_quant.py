@@ -44,6 +44,8 @@ class FakeQuantizer(nn.Module):
         self.role = "activation"
         #: name of the quantized tensor (the producing fx node), set by placement; names it in exports.
         self.tensor = ""
+        #: the layer whose qconfig this quantizer follows (mq_core.graph.layer_qconfig), set by prepare()
+        self.layer = ""
         shape = ()
         self.register_buffer("scale", torch.ones(shape, dtype=torch.float32))
         self.register_buffer("zero_point", torch.zeros(shape, dtype=torch.int32))
@@ -139,7 +141,8 @@ class FakeQuantizer(nn.Module):
         for name in ("scale", "zero_point"):
             key = prefix + name
             if key in state_dict and state_dict[key].shape != self._buffers[name].shape:
-                self._buffers[name] = torch.empty_like(state_dict[key], dtype=self._buffers[name].dtype)
+                current = self._buffers[name]  # keep the module's device: a CPU checkpoint loads into a CUDA model
+                self._buffers[name] = torch.empty_like(state_dict[key], dtype=current.dtype, device=current.device)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def extra_repr(self) -> str:

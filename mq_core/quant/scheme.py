@@ -78,11 +78,13 @@ class QuantScheme:
         zero = torch.zeros_like(lo)
         lo = torch.minimum(lo, zero)
         hi = torch.maximum(hi, zero)
+        # The divisor is a tensor on the range's device: CUDA computes ``tensor / python_number`` as a multiplication
+        # by the reciprocal, one ulp away from the CPU's division, and the qparams must not depend on the device.
         if self.symmetric:
             amax = hi if not self.signed else torch.maximum(-lo, hi)
-            scale = amax / float(self.qmax)
+            scale = amax / torch.full_like(amax, self.qmax)
         else:
-            scale = (hi - lo) / float(self.qmax - self.qmin)
+            scale = (hi - lo) / torch.full_like(hi, self.qmax - self.qmin)
         scale = torch.clamp(scale, min=SCALE_EPS)
         if self.pot_scale:
             scale = torch.clamp(torch.exp2(torch.round(torch.log2(scale))), min=SCALE_EPS)

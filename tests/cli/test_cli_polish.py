@@ -114,7 +114,7 @@ def test_progress_is_one_line_per_stage_when_stderr_is_not_a_terminal(quantized)
     result, _ = quantized
     assert "\r" not in result.stderr
     stages = [line.split()[1] for line in result.stderr.splitlines() if line.startswith("tensorrt: ")]
-    assert stages == ["prepare", "calibrate", "export", "verify"]
+    assert stages == ["prepare", "calibrate", "export", "verify", "sensitivity"]
 
 
 def test_quiet_and_verbose_after_the_command(in_workdir: Path) -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import re
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -178,7 +179,7 @@ def _load_script(name: str) -> ModuleType:
     return module
 
 
-@pytest.mark.parametrize("script", ["ptq_digits", "qat_digits"])
+@pytest.mark.parametrize("script", ["ptq_digits", "qat_digits", "qat_ddp"])
 def test_bad_options_fail_before_any_work(script: str, tmp_path: Path) -> None:
     """An unknown backend is refused by the first line of ``main`` (the script maps MQError to exit status 2)."""
     main = _load_script(script).main
@@ -192,3 +193,41 @@ def test_qat_refuses_a_backend_that_cannot_run_4_bits(tmp_path: Path) -> None:
         pytest.skip("needs mq-trt and mq-algos")
     with pytest.raises(mq.SchemeError, match="cannot run W4A4"):
         _load_script("qat_digits").main(["--backend", "tensorrt", "--out", str(tmp_path / "out")])
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_qat_ddp_trains_under_torchrun_and_resumes_in_one_process(digits_cache: Path, tmp_path: Path) -> None:
+    """Epoch 1 on 2 gloo ranks (torchrun), then a plain process resumes from rank 0's checkpoint for epoch 2: the
+    optimizer state and the learning-rate schedule continue (Adam's step counts add up) and both runs export a
+    verified model."""
+    if _missing("qat-lsq"):
+        pytest.skip(_missing("qat-lsq"))
+    steps = 3
+    common = ["--max-steps", str(steps), "--out", str(tmp_path / "out"), "--runtime", "onnxruntime", "--threads", "1",
+              "--verify-samples", "16", "--quiet"]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
+                "127.0.0.1", "--master_port", str(_free_port()), str(EXAMPLES / "qat_ddp.py"), "--epochs", "1"]
+    resume = [sys.executable, str(EXAMPLES / "qat_ddp.py"), "--epochs", "2", "--resume",
+              str(tmp_path / "out" / "checkpoint.pt")]
+    checkpoints = []
+    for command in (torchrun + common, resume + common):
+        done = subprocess.run(command, env=_env(digits_cache), cwd=tmp_path, capture_output=True, text=True,
+                              timeout=TIMEOUT_S)
+        assert done.returncode == 0, f"{command}\n{done.stdout}\n{done.stderr}"
+        lines = summary(done.stdout)
+        assert lines["verification"].startswith("PASS"), done.stdout
+        assert percent(lines["simulated accuracy"]) > 80.0, done.stdout
+        checkpoints.append((lines, mq.load_checkpoint(tmp_path / "out" / "checkpoint.pt")))
+    (first, trained), (second, resumed) = checkpoints
+    assert first["processes"].startswith("2 (gloo") and second["processes"].startswith("1 (")
+    assert second["training"] == "epochs 2-2 (resumed after epoch 1)"
+    assert [c["extra"]["epoch"] for c in (trained, resumed)] == [1, 2]
+    # the cosine learning rate of epoch 1 of 1, then of epoch 2 of 2: the schedule follows the resumed epoch
+    assert [c["extra"]["optimizer"]["param_groups"][0]["lr"] for c in (trained, resumed)] == [5e-4, 2.5e-4]
+    adam_steps = [{int(s["step"]) for s in c["extra"]["optimizer"]["state"].values()} for c in (trained, resumed)]
+    assert adam_steps == [{steps}, {2 * steps}]

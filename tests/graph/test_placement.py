@@ -35,8 +35,9 @@ pytestmark = pytest.mark.usefixtures("deterministic")
 #: model, one line per quantized tensor: ``tensor -> consumers (* = every reader) s|u (signed / unsigned grid) |
 #: reason``. Reviewed by hand against the rules in backends.md (TensorRT: inputs of conv/linear/matmul and both add
 #: inputs, outputs float; OpenVINO: also the network input, unsigned after ReLU-like producers; the output policy:
-#: every compute output, ReLU merged into its producer, layout and max-pool passed through). After an intended
-#: change, regenerate with ``placements(mq.prepare(...))`` from helpers and review the diff.
+#: every compute output, ReLU merged into its producer, layout and max-pool passed through; "qdq": the models where
+#: ONNX Runtime's float LayerNorm/GELU make it differ, see docs/backends/qdq.md). After an intended change, regenerate
+#: with ``placements(mq.prepare(...))`` from helpers and review the diff.
 SNAPSHOTS: dict[str, dict[str, list[str]]] = json.loads(
     (Path(__file__).parent / "placement_snapshots.json").read_text(encoding="utf-8"))
 
@@ -53,6 +54,8 @@ def prepared_once(backend: str, name: str) -> fx.GraphModule:
 
 
 def expected_snapshot(backend: str, name: str) -> list[str]:
+    if name in SNAPSHOTS.get(backend, {}):
+        return SNAPSHOTS[backend][name]
     return SNAPSHOTS["output" if backend in OUTPUT_BACKENDS else backend][name]
 
 
@@ -169,6 +172,7 @@ def test_output_placement_merges_activations_and_passes_layout_through(backend: 
 def test_output_placement_rules_on_the_zoo(name: str) -> None:
     q = prepared_once("qdq", name)
     modules = modules_of(q)
+    float_kinds = mq.get_backend("qdq").placement.float_kinds
     for n in q.graph.nodes:
         if not n.op.startswith("call") or is_fq_node(n, modules):
             continue
@@ -179,7 +183,35 @@ def test_output_placement_rules_on_the_zoo(name: str) -> None:
             assert not any(is_fq_node(u, modules) for u in n.users)
         if kind in ("conv", "linear", "matmul", "add", "cat", "avgpool", "mean", "softmax"):
             merged = len(n.users) == 1 and op_kind(next(iter(n.users)), modules) in ("relu", "relu6")
-            assert merged or any(is_fq_node(u, modules) for u in n.users), f"{n.name} ({kind}) not quantized"
+            read_in_float = all(op_kind(u, modules) in float_kinds for u in n.users)  # ONNX Runtime's float ops
+            assert merged or read_in_float or any(is_fq_node(u, modules) for u in n.users), f"{n.name} ({kind})"
+
+
+def _through_layout(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
+    """Whether ``node`` is a fake quantizer's output, looking back through layout ops (reshape, permute, getitem)."""
+    while not is_fq_node(node, modules) and op_kind(node, modules) in PASSTHROUGH_KINDS and node.all_input_nodes:
+        node = node.all_input_nodes[0]
+    return is_fq_node(node, modules)
+
+
+def test_qdq_layernorm_and_gelu_read_float_and_feed_linears_quantized() -> None:
+    """ONNX Runtime has no integer LayerNorm or GELU: on the qdq backend they read float inputs (the residual sum,
+    the first MLP Linear's output) while every Linear/MatMul reads quantized inputs; the pre-norm block's residual
+    sums stay quantized where an integer op (the next add, the mean) reads them, and only for it."""
+    q = prepared_once("qdq", "attention")
+    modules = modules_of(q)
+    assert {"norm", "gelu"} <= mq.get_backend("qdq").placement.float_kinds
+    for n in q.graph.nodes:
+        kind = op_kind(n, modules) if n.op.startswith("call") and not is_fq_node(n, modules) else ""
+        if kind in ("norm", "gelu"):
+            assert reads_quantized(q, n.name) == [False], n.name
+        if kind in ("linear", "matmul"):
+            assert all(_through_layout(a, modules) for a in n.all_input_nodes), n.name
+    consumers = {r["tensor"]: r["consumers"] for r in q.mq_info.placements[""]}
+    assert consumers["x"] == ["add"] and consumers["add"] == ["add_1"] and "mlp_0" not in consumers
+    # the other total-integer targets keep quantizing every compute output
+    assert mq.get_backend("qdq").placement.float_kinds and not any(
+        mq.get_backend(b).placement.float_kinds for b in ("snpe", "tvm", "tengine") if b in mq.list_backends())
 
 
 # --- OpenVINO's unsigned grids ----------------------------------------------------------------------------------------
@@ -278,4 +310,5 @@ def test_skip_by_function_under_output_placement() -> None:
     assert "matmul" not in tensors and "matmul_1" not in tensors
     # q/k/v (via layout ops) and the softmax are read only by the float matmuls: no quantizer just for them
     assert "qkv" not in tensors and "softmax" not in tensors
+    # the scaled scores stay quantized for the softmax: a skipped layer does not make float spread backwards
     assert {"x", "norm1", "mul", "proj", "add", "cls"} <= tensors

@@ -90,7 +90,7 @@ def test_swap_qat_modules_uses_the_mapping_and_quantizer_factory_it_is_given() -
     gm = fx.symbolic_trace(nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.ConvTranspose1d(6, 2, 1), nn.Linear(1, 3)))
     axes: list[int] = []
 
-    def build(ch_axis: int) -> FakeQuantizer:
+    def build(ch_axis: int, node: fx.Node) -> FakeQuantizer:
         axes.append(ch_axis)
         return FakeQuantizer(QuantScheme(8, per_channel=True, ch_axis=ch_axis))
 

@@ -4,7 +4,9 @@ The test runs this file as a torchrun script (``_worker``): each rank writes wha
 test compares. (a) Synced calibration on disjoint shards against one process calibrating on their union (the shards
 concatenated in rank order), for every built-in observer and the mq-algos LSQ observer. (b) Two steps of
 DistributedDataParallel W4A4 LSQ QAT on half batches against the same steps of one process on the full batches,
-then a checkpoint written by rank 0 and restored on every rank.
+then a checkpoint written by rank 0 and restored on every rank. (c) PTQ methods streaming a DistributedSampler's
+shard on each rank (``cle,bias_correction``; ``adaround`` with every step on the whole shard) against one process
+on the whole data set.
 """
 
 from __future__ import annotations
@@ -24,9 +26,11 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 import mq_core as mq
 from mq_core.demo.digits import DigitsCNN
+from mq_core.plugin_api import QATModule, quantize
 from mq_core.quant.observers import MinMaxObserver
 
 #: Activation observers compared, and the relative tolerance of synced against single-process qparams. minmax is
@@ -40,6 +44,12 @@ BATCHES, BATCH = 8, 8
 #: moved it: float32 rounding of sums taken in another order (measured: about 1e-5). The LSQ activation step size's
 #: gradient scale counted only the local half batch before (N too small by 2), an error of sqrt(2) - 1 = 0.41 there.
 QAT_RTOL = 1e-4
+#: Synced PTQ against one process on the union: CLE's statistics (min/max) are exact, bias correction's float64 sums
+#: differ only in their order, so states agree to float32 rounding.
+PTQ_ATOL = 1e-5
+#: AdaRound's rounding codes that may differ between 2 synced ranks and one process: its gradients are averaged in
+#: another order, and a weight whose gradient is at rounding level can take the other code (measured: none).
+ADAROUND_CODES = 0.01
 
 
 def _free_port() -> int:
@@ -68,6 +78,12 @@ def test_two_gloo_ranks_calibrate_and_train_like_one_process(tmp_path: Path) -> 
             torch.testing.assert_close(synced[0], single, rtol=rtol, atol=0, msg=name)
     for r in ranks:  # a rank that saw no data takes the merged statistics of the one that did
         assert r["unobserved_rank"] == ranks[0]["unobserved_rank"]
+
+    for r in ranks:  # (c) PTQ on shards
+        assert r["ptq"]["cle_diff"] <= PTQ_ATOL, r["ptq"]
+        assert r["ptq"]["adaround_codes_differ"] <= ADAROUND_CODES, r["ptq"]
+        assert r["ptq"]["adaround_local_differs"], r["ptq"]  # a rank on its shard alone learns other rounding
+    assert ranks[0]["ptq"]["states"] == ranks[1]["ptq"]["states"]  # every rank ends with the same model
 
     for r in ranks:
         assert r["losses_equal"]
@@ -167,13 +183,58 @@ def _qat(rank: int, world: int, out_dir: Path) -> dict[str, Any]:
             "restored_equal": restored_equal}
 
 
+def _ptq(rank: int, world: int) -> dict[str, Any]:
+    """Synced PTQ on this rank's DistributedSampler shard against one process on all 64 samples."""
+    gen = torch.Generator().manual_seed(2)
+    dataset = TensorDataset(torch.rand(64, 1, 8, 8, generator=gen) * 2)
+    shard = DataLoader(dataset, batch_size=8, sampler=DistributedSampler(dataset, shuffle=False))
+    union = DataLoader(dataset, batch_size=8)
+    torch.manual_seed(0)
+    model = DigitsCNN().eval()
+    qconfig = _with_observer("minmax")
+
+    def run(method: str, data: DataLoader, sync: bool, calibrated: bool, **options: Any) -> torch.nn.Module:
+        qmodel = mq.prepare(copy.deepcopy(model), "qdq", torch.rand(8, 1, 8, 8), qconfig=qconfig)
+        if calibrated:  # the same qparams everywhere: calibrated on the union by each process alone
+            mq.calibrate(qmodel, union, progress=False, sync=False)
+        return mq.ptq(qmodel, method, data, progress=False, sync=sync, **options)
+
+    out: dict[str, Any] = {}
+    synced = run("cle,bias_correction", shard, True, False)
+    single = run("cle,bias_correction", union, False, False)
+    out["cle_diff"] = max(float((a - b).abs().max()) for a, b in zip(synced.state_dict().values(),
+                                                                      single.state_dict().values()))
+    # batch_size above the data size: every step takes the whole shard (the whole data set for one process), so the
+    # averaged gradient is one process's up to summation order
+    options = {"iterations": 20, "batch_size": 64}
+    adaround = run("adaround", shard, True, True, **options)
+    reference = run("adaround", union, False, True, **options)
+    local = run("adaround", shard, False, True, **options)
+
+    def codes(qmodel: torch.nn.Module) -> torch.Tensor:
+        """Every weight's integer code, as the deployed model stores it."""
+        found = []
+        for layer in qmodel.modules():
+            if isinstance(layer, QATModule):
+                fq, weight = layer.weight_fake_quant, layer.deploy_weight_and_bias()[0].detach()
+                found.append(quantize(weight, fq.scale, fq.zero_point, fq.scheme.qmin, fq.scheme.qmax,
+                                      fq.ch_axis).flatten())
+        return torch.cat(found)
+
+    out["adaround_codes_differ"] = float((codes(adaround) != codes(reference)).float().mean())
+    out["adaround_local_differs"] = not torch.equal(codes(local), codes(reference))
+    out["states"] = [float(v.double().sum()) for v in [*synced.state_dict().values(), *adaround.state_dict().values()]
+                     if v.is_floating_point()]
+    return out
+
+
 def _worker(out_dir: Path) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", timeout=timedelta(seconds=60))
     try:
         rank, world = dist.get_rank(), dist.get_world_size()
         report = {"calibration": _calibration(rank, world), "unobserved_rank": _unobserved_rank(rank),
-                  **_qat(rank, world, out_dir)}
+                  "ptq": _ptq(rank, world), **_qat(rank, world, out_dir)}
         (out_dir / f"rank{rank}.json").write_text(json.dumps(report))
     finally:
         dist.destroy_process_group()

@@ -48,6 +48,8 @@ def test_one_call_prepares_calibrates_exports_verifies_and_scores(quantized, dat
     # the returned model is the one that was exported: it reproduces the simulated accuracy
     assert digits.accuracy(qmodel, data.x_test, data.y_test) == outcome.sim_accuracy
     assert "tensorrt" in result.table() and result.to_dict()["backends"][0]["passed"] is True
+    # out= also receives the report (tests/report has its content)
+    assert result.report == out / "report.html" and result.report.is_file() and (out / "report.json").is_file()
 
 
 def test_observer_choice_applies_to_activations_only(quantized) -> None:

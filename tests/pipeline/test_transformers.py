@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx
 import pytest
 import torch
 from torch import nn
@@ -136,8 +137,9 @@ def test_bert_falls_back_to_export_with_one_log_line(prepared: _Prepared) -> Non
     fallback = [m for m in prepared.logs["bert", "qdq"] if "torch.export" in m]
     assert len(fallback) == 1 and "torch.fx cannot trace BertModel" in fallback[0]
     assert qmodel.mq_info.capture == "export"
-    # q, k, v, attention output, intermediate, output + pooler: every Linear is a module with a weight quantizer
-    assert len(_weight_quantizers(qmodel)) == 6 + 1
+    # q, k, v, attention output, intermediate, output + pooler: every Linear is a module with a weight quantizer; qdq
+    # quantizes the word, position and token-type tables too (ONNX Runtime gathers from the dequantized int8 table)
+    assert len(_weight_quantizers(qmodel)) == 6 + 1 + 3
 
 
 @pytest.mark.parametrize(("name", "backend"), [("bert", "qdq"), ("gpt2", "qdq"), ("vit", "tensorrt")])
@@ -160,7 +162,8 @@ def test_gpt2_conv1d_projections_are_quantized_as_linear(prepared: _Prepared) ->
     qmodel = prepared.get("gpt2", "qdq")
     assert type(prepared.model("gpt2").h[0].attn.c_attn).__name__ == "Conv1D"  # the float model is left as it is
     assert _weight_quantizers(qmodel) == {f"h.0.{p}.weight_fake_quant" for p in
-                                          ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")}
+                                          ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")} | {
+        "wte.weight_fake_quant", "wpe.weight_fake_quant"}  # the token and position tables (qdq only)
     layer = qmodel.get_submodule("h.0.attn.c_attn")
     assert isinstance(layer, nn.Linear) and layer.weight.shape == (48, 16)  # [out, in]: Conv1D's weight transposed
     assert layer.weight_fake_quant.ch_axis == 0
@@ -177,6 +180,21 @@ def test_bert_exports_with_dynamic_batch_and_sequence(prepared: _Prepared) -> No
     session = ort.InferenceSession(str(result.out_dir / "model.onnx"))
     out = session.run(None, {k: v.numpy() for k, v in MODELS["bert"][3].items()})
     assert out[0].shape == (3, 9, 16) and np.isfinite(out[0]).all()
+
+
+def test_bert_embedding_tables_are_int8_rows_gathered_after_dequantize_on_qdq(prepared: _Prepared) -> None:
+    result = prepared.export("bert", "qdq")["qdq"]
+    graph = result.qdq_model.graph
+    tables = ("word_embeddings", "position_embeddings", "token_type_embeddings")
+    initializers = {i.name: i for i in graph.initializer}
+    for table in tables:
+        name = f"embeddings.{table}.weight"
+        assert initializers[name].data_type == onnx.TensorProto.INT8, name
+        dequantize = next(n for n in graph.node if n.op_type == "DequantizeLinear" and n.input[0] == name)
+        assert [a.i for a in dequantize.attribute if a.name == "axis"] == [0]
+        assert [n.op_type for n in graph.node if dequantize.output[0] in n.input] == ["Gather"]
+    report = mq.verify(result, MODELS["bert"][3], runtimes=["onnxruntime"])
+    assert report.passed and report.layers is not None, report.table(layers=True)
 
 
 def _runtimes(name: str, backend: str, exporter: str) -> list[str]:
@@ -211,24 +229,29 @@ def test_every_backend_exports_and_verifies(prepared: _Prepared, name: str, back
 
 
 @pytest.mark.slow
-def test_real_minilm_sentence_embeddings_survive_w8a8() -> None:
-    """all-MiniLM-L6-v2's real weights (registry package, read offline), qdq W8A8, held-out sentences: every
-    sentence's quantized embedding still retrieves its own float embedding among the 30, and the cosine stays at
-    the level benchmarks/results/transformers_accuracy.md records for the default placement (0.87: the outlier
-    residual stream of BERT-family models, see there; the Targets' 0.99 needs a placement that keeps it float)."""
+def test_real_minilm_sentence_embeddings_survive_w8a8(tmp_path: Path) -> None:
+    """all-MiniLM-L6-v2's real weights (registry package, read offline), qdq W8A8 with the defaults, held-out
+    sentences: the issue's target, cosine >= 0.99 with the float embedding (benchmarks/results/
+    transformers_accuracy.md: 0.9934 mean, 0.9905 min; 0.87 when LayerNorm/GELU inputs and the residual stream were
+    quantized too), every sentence still retrieves its own float embedding, and the export verifies in ONNX
+    Runtime (layer-wise check included) on held-out sentences."""
     from mq_core.testing import minilm
 
     if importlib.util.find_spec("all_minilm_l6_v2") is None:
         pytest.skip(f"the real weights need {minilm.PACKAGE}")
     model = minilm.load_model()
     tokens = minilm.tokenize(minilm.CALIBRATION)
-    qmodel = mq.prepare(model, "qdq", {k: v[:2] for k, v in tokens.items()})
+    example = {k: v[:2] for k, v in tokens.items()}
+    qmodel = mq.prepare(model, "qdq", example)
     assert qmodel.mq_info.capture == "export"
     mq.calibrate(qmodel, [{k: v[i:i + 10] for k, v in tokens.items()} for i in range(0, 30, 10)], progress=False)
     held_out = minilm.tokenize(minilm.HELD_OUT)
     got, ref = minilm.embed(qmodel, held_out), minilm.embed(model, held_out)
     cosine = nn.functional.cosine_similarity(got, ref)
-    assert float(cosine.mean()) > 0.85 and float(cosine.min()) > 0.8, cosine
+    assert float(cosine.mean()) >= 0.99 and float(cosine.min()) > 0.985, cosine
     similarity = nn.functional.normalize(got, dim=1) @ nn.functional.normalize(ref, dim=1).T
     assert similarity.argmax(1).tolist() == list(range(len(minilm.HELD_OUT)))
     assert max(_activation_scales(qmodel)) < 10.0  # a quantizer over the finfo.min padding mask: ~1e36
+    verified_on = {k: v[:10] for k, v in held_out.items()}  # the layer-wise check runs the artifact three times
+    report = mq.verify(mq.export(qmodel, example, tmp_path / "qdq"), verified_on, runtimes=["onnxruntime"])
+    assert report.passed, report.table(layers=True)

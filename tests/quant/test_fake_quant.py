@@ -5,10 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 from mq_core import CalibrationError, FakeQuantizer, QuantScheme, get_fake_quantizer
 from mq_core.quant.fake_quant import FixedFakeQuantizer
-from mq_core.quant.functional import fake_quantize
+from mq_core.quant.functional import along_axis, fake_quantize
 from mq_core.quant.observers.minmax import MinMaxObserver
 
 pytestmark = pytest.mark.usefixtures("deterministic")
@@ -270,6 +272,82 @@ def test_ste_gradient_is_one_inside_the_range_and_zero_outside(
     x = torch.tensor(values, requires_grad=True)
     fq(x).sum().backward()
     assert x.grad.tolist() == [float(g) for g in grads]
+
+
+def plain_fake_quantize(
+    x: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor, qmin: int, qmax: int, axis: int | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The exact path written as the plain composition of torch ops: the values and the boolean STE clipping mask."""
+    s, z = along_axis(scale, x, axis), along_axis(zp, x, axis).to(x.dtype)
+    q = torch.round(x / s) + z
+    return (torch.clamp(q, qmin, qmax) - z) * s, (q >= qmin) & (q <= qmax)
+
+
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Bit-for-bit equality (tells -0.0 from 0.0 and compares NaNs by their bits)."""
+    return a.dtype == b.dtype and torch.equal(a.view(torch.int64 if a.element_size() == 8 else torch.int32),
+                                              b.view(torch.int64 if b.element_size() == 8 else torch.int32))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize(
+    ("axis", "qmin", "qmax", "zp_max"),
+    [(None, 0, 255, 255), (None, -128, 127, 0), (1, 0, 255, 255), (0, -8, 7, 0), (None, 0, 65535, 65535)],
+)
+def test_exact_kernel_is_bit_identical_to_the_plain_composition(
+    dtype: torch.dtype, axis: int | None, qmin: int, qmax: int, zp_max: int
+) -> None:
+    """The fused exact kernel (in-place steps, float mask) computes what the plain torch composition computes, bit for
+    bit, with and without autograd, gradients included, for the values where an order change would show: NaN, +-inf,
+    -0.0 and values that round to -0.0, values far outside the grid, ties."""
+    gen = torch.Generator().manual_seed(1)
+    x = (torch.randn(4, 6, 9, generator=gen) * 40).to(dtype)
+    x[0, 0, :8] = torch.tensor([float("nan"), float("inf"), -float("inf"), -0.0, -1e-3, 1e30, -1e30, 0.5])
+    channels = 1 if axis is None else x.shape[axis]
+    scale = torch.rand(() if axis is None else (channels,), generator=gen) * 0.5 + 0.05
+    zp = torch.randint(0, zp_max + 1, scale.shape, generator=gen, dtype=torch.int32)
+    x[1, 1, :3] = torch.tensor([2.5, 3.5, -2.5], dtype=dtype) * scale.reshape(-1)[0].to(dtype)  # ties
+    grad = torch.randn(x.shape, generator=gen, dtype=dtype)
+
+    want, mask = plain_fake_quantize(x, scale, zp, qmin, qmax, axis)
+    x_fused = x.clone().requires_grad_()
+    got = fake_quantize(x_fused, scale, zp, qmin, qmax, axis)
+    with torch.no_grad():
+        got_no_grad = fake_quantize(x, scale, zp, qmin, qmax, axis)
+    assert same_bits(got.detach(), want) and same_bits(got_no_grad, want)
+    got.backward(grad)
+    assert same_bits(x_fused.grad, grad * mask)
+
+
+def test_exact_kernel_creates_only_the_output_the_mask_and_the_gradient() -> None:
+    """What makes the exact path cheap on a CPU (``_ExactFakeQuantize``): a forward and backward create three tensors
+    of the input's size, where the plain composition creates ten (each one a fresh allocation, which costs more than
+    the arithmetic on it on a CPU); without autograd, one."""
+    x = torch.randn(4, 8, 16, 16, requires_grad=True)
+    scale, zp, grad = torch.tensor(0.02), torch.tensor(5, dtype=torch.int32), torch.ones_like(x)
+    with FreshTensors(x.numel()) as fresh:
+        torch.autograd.grad(fake_quantize(x, scale, zp, 0, 255), x, grad)
+    assert len(fresh.ops) == 3, fresh.ops
+    with FreshTensors(x.numel()) as fresh, torch.no_grad():
+        fake_quantize(x, scale, zp, 0, 255)
+    assert len(fresh.ops) == 1, fresh.ops
+
+
+class FreshTensors(TorchDispatchMode):
+    """Records every aten op that returns a new tensor (storage not shared with an input) of ``numel`` elements."""
+
+    def __init__(self, numel: int) -> None:
+        super().__init__()
+        self.numel = numel
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        out = func(*args, **(kwargs or {}))
+        tensors = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
+        inputs = {t.untyped_storage().data_ptr() for t in tensors}
+        self.ops += [str(func) for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)
+                     and t.numel() == self.numel and t.untyped_storage().data_ptr() not in inputs]
+        return out
 
 
 def test_gradient_flows_through_a_disabled_quantizer() -> None:

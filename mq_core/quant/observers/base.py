@@ -173,7 +173,7 @@ class Observer(nn.Module):
         for name, buf in self._buffers.items():
             key = prefix + name
             if buf is not None and key in state_dict and state_dict[key].shape != buf.shape:
-                self._buffers[name] = torch.empty_like(state_dict[key], dtype=buf.dtype)
+                self._buffers[name] = torch.empty_like(state_dict[key], dtype=buf.dtype, device=buf.device)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def extra_repr(self) -> str:

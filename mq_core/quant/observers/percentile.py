@@ -26,7 +26,7 @@ def histogram_quantiles(
     over ``channel * bins + bin`` builds all channels' histograms at once.
     """
     channels, n = rows.shape
-    width = (hi - lo) / bins
+    width = (hi - lo) / torch.full_like(hi, bins)  # a true division on CUDA too (see QuantScheme.qparams)
     safe_width = torch.where(width > 0, width, torch.ones_like(width))
     index = torch.floor((rows - lo[:, None]) / safe_width[:, None]).clamp_(0, bins - 1).long()
     index += torch.arange(channels, device=rows.device)[:, None] * bins

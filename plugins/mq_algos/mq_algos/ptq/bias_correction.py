@@ -4,11 +4,14 @@ Quantizing weights (and the activations before a layer) shifts the mean of the l
 ``E[W_q x_q] - E[W x]`` per output channel is not zero, and a shifted mean survives every later layer; it is the
 main error of depthwise networks at 8 bits. Subtracting it from the bias removes it.
 
-``mode="empirical"`` (the default) measures it on the calibration data: the float model (every quantizer off)
-gives ``E[W x + b]`` per output channel of each layer's pre-activation; then one pass of the quantized model over
-the whole data set corrects each layer in graph order as the pass reaches it, so every layer's correction already
-sees the corrected layers before it (as AIMET's empirical bias correction does). That pass holds the data set's
-activations at once: a few dozen images is enough and keeps the memory small.
+``mode="empirical"`` (the default) measures it on the calibration data, streamed: one pass of the float model
+(every quantizer off) sums ``W x + b`` per output channel of each layer's pre-activation; then one pass of the
+quantized model per layer, in the order the layers run, sums that layer's pre-activation (the pass stops at the
+layer) and corrects its bias by the difference of the means, so every layer's correction already sees the
+corrected layers before it (as AIMET's empirical bias correction does). Only per-channel float64 sums and counts
+are kept, never a batch or an activation beyond the current one: memory does not grow with the data, and the cost
+is about ``1 + L / 2`` forward passes over the data for ``L`` layers. Under ``torch.distributed`` (``data.group``)
+the sums and counts are all-reduced, so every rank applies the corrections of the union of the shards.
 
 ``mode="analytic"`` needs no data: ``E[(W_q - W) x]`` with ``E[x]`` from the BatchNorm before the layer, the
 pre-activation taken as ``N(beta, gamma^2)`` per channel and pushed through the ReLU/ReLU6 in closed form. It
@@ -22,21 +25,26 @@ from __future__ import annotations
 import copy
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
+import torch.distributed as dist
 from torch import fx, nn
+from tqdm.auto import tqdm
 
 from mq_core.plugin_api import (
+    CalibrationData,
     ConfigError,
     FakeQuantizer,
     PTQMethod,
     QATBnModule,
     QATModule,
+    all_reduce,
     check_choice,
     disable_all,
-    model_inputs,
+    run_batch,
 )
 
 log = logging.getLogger(__name__)
@@ -56,8 +64,26 @@ class BiasCorrectionConfig:
         check_choice("mode", self.mode, ("empirical", "analytic"))
 
 
-def _channel_mean(t: torch.Tensor) -> torch.Tensor:
-    return t.detach().transpose(0, 1).flatten(1).double().mean(1)
+class _ChannelSums:
+    """Running per-output-channel sums of a layer's pre-activation (float64) and how many values each channel saw:
+    a mean over the whole data set that holds no batch."""
+
+    def __init__(self, layer: nn.Module) -> None:
+        bias = _bias(layer)
+        self.sums = torch.zeros(bias.numel(), dtype=torch.float64, device=bias.device)
+        self.count = torch.zeros(1, dtype=torch.float64, device=bias.device)
+        self.axis = -1 if isinstance(layer, nn.Linear) else 1  # a Linear's channels are last: [N, ..., C]
+
+    def add(self, t: torch.Tensor) -> None:
+        values = t.detach().movedim(self.axis, 0).flatten(1).double()
+        self.sums += values.sum(1)
+        self.count += values.shape[1]
+
+    def mean(self, group: dist.ProcessGroup | None) -> torch.Tensor:
+        """The mean over every value seen, on every rank of ``group`` when there is one."""
+        sums, count = (self.sums, self.count) if group is None else all_reduce(
+            [self.sums, self.count], dist.ReduceOp.SUM, group)
+        return sums / count.clamp_min(1)
 
 
 def _layers(model: nn.Module) -> dict[str, nn.Module]:
@@ -66,8 +92,7 @@ def _layers(model: nn.Module) -> dict[str, nn.Module]:
     for name, module in model.named_modules():
         if not isinstance(module, QATModule) or not module.weight_fake_quant.quant_enabled.item():
             continue
-        bias = module.bn.bias if isinstance(module, QATBnModule) else module.bias
-        if bias is None:
+        if _bias(module) is None:
             log.info("bias_correction: %s has no bias to correct; left as it is", name)
             continue
         found[name] = module
@@ -75,94 +100,104 @@ def _layers(model: nn.Module) -> dict[str, nn.Module]:
 
 
 def _shift_bias(module: nn.Module, delta: torch.Tensor) -> None:
-    """Lower the deploy bias by ``delta``: a kept BatchNorm's beta moves it one for one."""
-    target = module.bn.bias if isinstance(module, QATBnModule) else module.bias
-    target.sub_(delta.to(target.dtype))
+    """Lower the deploy bias by ``delta``."""
+    with torch.no_grad():
+        target = _bias(module)
+        target.sub_(delta.to(target.dtype))
 
 
-def _whole_data(model: nn.Module, batches: list[Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
-    """All batches as one call's inputs: tensors concatenated along the batch dimension."""
-    calls = [model_inputs(model, batch) for batch in batches]
-
-    def join(values: list[Any], where: str) -> Any:
-        if all(isinstance(v, torch.Tensor) for v in values):
-            return torch.cat(values, 0)
-        if all(v == values[0] for v in values):
-            return values[0]
-        raise ConfigError(f"bias_correction runs the whole calibration set at once, but input {where} is not a "
-                          "tensor and differs between batches; pass tensor inputs.")
-
-    args = tuple(join([c[0][i] for c in calls], str(i)) for i in range(len(calls[0][0])))
-    kwargs = {k: join([c[1][k] for c in calls], k) for k in calls[0][1]}
-    return args, kwargs
-
-
-def _preactivation_hook(module: nn.Module, store: dict[str, torch.Tensor], name: str) -> Any:
-    """Record the layer's pre-activation (the input of its ReLU, or its output when it has none)."""
+def _preactivation_hook(module: nn.Module, record: Callable[[torch.Tensor], None]) -> Any:
+    """Call ``record`` with the layer's pre-activation (the input of its ReLU, or its output when it has none)."""
     if module.act is not None:
-        return module.act.register_forward_pre_hook(lambda _m, args: store.__setitem__(name, args[0]))
-    return module.register_forward_hook(lambda _m, _args, out: store.__setitem__(name, out))
+        return module.act.register_forward_pre_hook(lambda _m, args: record(args[0]))
+    return module.register_forward_hook(lambda _m, _args, out: record(out))
 
 
-def empirical(qmodel: nn.Module, batches: list[Any]) -> int:
-    """Correct every layer's mean output shift on the data, in graph order; returns the number corrected."""
+class _Reached(Exception):
+    """Stops a forward pass once the layer being corrected has been measured: the rest of the model is not needed."""
+
+
+def _float_pass(fp: nn.Module, layers: dict[str, nn.Module], data: CalibrationData
+                ) -> tuple[dict[str, _ChannelSums], list[str]]:
+    """One pass of the float model: each layer's pre-activation sums, and the layers that run exactly once per
+    forward, in the order they run."""
+    modules = dict(fp.named_modules())
+    sums = {name: _ChannelSums(layer) for name, layer in layers.items()}
+    calls: dict[str, int] = {}
+    order: list[str] = []
+
+    def record(name: str) -> Callable[[torch.Tensor], None]:
+        def hook(value: torch.Tensor) -> None:
+            sums[name].add(value)
+            calls[name] = calls.get(name, 0) + 1
+            if name not in order:
+                order.append(name)
+        return hook
+
+    handles = [_preactivation_hook(modules[name], record(name)) for name in layers]
+    batches = 0
+    try:
+        with torch.no_grad():
+            for batch in data:
+                run_batch(fp, batch)
+                batches += 1
+    finally:
+        for handle in handles:
+            handle.remove()
+    once = torch.tensor([calls.get(name, 0) == batches for name in layers], dtype=torch.int32)
+    if data.group is not None:  # a layer is corrected on every rank or on none (the passes are collectives)
+        once = all_reduce([once], dist.ReduceOp.MIN, data.group)[0]
+    usable = {name for name, ok in zip(layers, once.tolist()) if ok}
+    shared = sorted(set(layers) - usable)
+    if shared:
+        log.info("bias_correction: %s run more (or less) than once per forward; left as they are", ", ".join(shared))
+    return sums, [name for name in order if name in usable]
+
+
+def _quantized_mean(qmodel: nn.Module, layer: nn.Module, data: CalibrationData) -> torch.Tensor:
+    """One pass of the quantized model, stopped at ``layer``: the mean of its pre-activation per channel."""
+    sums = _ChannelSums(layer)
+
+    def record(value: torch.Tensor) -> None:
+        sums.add(value)
+        raise _Reached
+
+    handle = _preactivation_hook(layer, record)
+    try:
+        with torch.no_grad():
+            for batch in data:
+                try:
+                    run_batch(qmodel, batch)
+                except _Reached:
+                    pass
+    finally:
+        handle.remove()
+    return sums.mean(data.group)
+
+
+def _bias(module: nn.Module) -> torch.Tensor:
+    """The deploy bias a correction moves: a kept BatchNorm's beta moves it one for one."""
+    return module.bn.bias if isinstance(module, QATBnModule) else module.bias
+
+
+def empirical(qmodel: nn.Module, data: CalibrationData, progress: bool = False) -> int:
+    """Correct every layer's mean output shift on the data, in the order the layers run; returns the number
+    corrected."""
     layers = _layers(qmodel)
-    calls = {name: 0 for name in layers}
-    args, kwargs = _whole_data(qmodel, batches)
     fp = copy.deepcopy(qmodel)
     disable_all(fp)
     fp.eval()
-    float_means: dict[str, torch.Tensor] = {}
-    store: dict[str, torch.Tensor] = {}
-    fp_layers = dict(fp.named_modules())
-    handles = [_preactivation_hook(fp_layers[name], store, name) for name in layers]
-
-    def count(name: str) -> Any:
-        def hook(_m: nn.Module, _args: Any, _out: Any) -> None:
-            calls[name] += 1
-        return hook
-
-    handles += [fp_layers[name].register_forward_hook(count(name)) for name in layers]
-    try:
-        with torch.no_grad():
-            fp(*args, **kwargs)
-    finally:
-        for handle in handles:
-            handle.remove()
-    for name, value in store.items():
-        float_means[name] = _channel_mean(value)
-    shared = sorted(name for name, n in calls.items() if n != 1)
-    if shared:
-        log.info("bias_correction: %s run more (or less) than once per forward; left as they are", ", ".join(shared))
-
-    corrected = []
-    store.clear()
-
-    def correct(name: str) -> Any:
-        def hook(module: nn.Module, _args: Any, out: torch.Tensor) -> torch.Tensor:
-            pre = store.pop(name)
-            delta = _channel_mean(pre) - float_means[name]
-            _shift_bias(module, delta)
-            corrected.append(name)
-            view = delta.to(pre.dtype).reshape(1, -1, *[1] * (pre.dim() - 2))
-            return module.act(pre - view) if module.act is not None else out - view
-        return hook
-
-    usable = [name for name in layers if calls[name] == 1 and name in float_means]
-    handles = []
-    for name in usable:
-        handles.append(_preactivation_hook(layers[name], store, name))
-        handles.append(layers[name].register_forward_hook(correct(name)))
+    float_sums, order = _float_pass(fp, layers, data)
+    del fp
     training = qmodel.training
     qmodel.eval()
     try:
-        with torch.no_grad():
-            qmodel(*args, **kwargs)
+        for name in tqdm(order, desc="bias_correction", unit="layer", disable=not progress, leave=False):
+            delta = _quantized_mean(qmodel, layers[name], data) - float_sums[name].mean(data.group)
+            _shift_bias(layers[name], delta)
     finally:
-        for handle in handles:
-            handle.remove()
         qmodel.train(training)
-    return len(corrected)
+    return len(order)
 
 
 def _normal_pdf(z: torch.Tensor) -> torch.Tensor:
@@ -246,6 +281,6 @@ class BiasCorrection(PTQMethod):
     description: ClassVar[str] = "Bias correction: remove quantization's mean output shift (Nagel et al. 2019)."
     Config = BiasCorrectionConfig
 
-    def apply(self, qmodel: nn.Module, data: list[Any], config: Any, progress: bool) -> None:
-        count = empirical(qmodel, data) if config.mode == "empirical" else analytic(qmodel)
+    def apply(self, qmodel: nn.Module, data: CalibrationData, config: Any, progress: bool) -> None:
+        count = empirical(qmodel, data, progress) if config.mode == "empirical" else analytic(qmodel)
         log.info("bias_correction (%s): %d layer(s) corrected", config.mode, count)

@@ -32,18 +32,22 @@ from __future__ import annotations
 
 import copy
 import logging
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
+import torch.distributed as dist
 from torch import fx, nn
 
 from mq_core.plugin_api import (
+    CalibrationData,
     ConfigError,
     FakeQuantizer,
     PTQMethod,
     QATBnModule,
     QATModule,
+    all_reduce,
     check_choice,
     disable_all,
     prepare_info,
@@ -159,30 +163,39 @@ class _Stats:
     top: torch.Tensor
 
 
-def _statistics(gm: fx.GraphModule, names: list[str], batches: list[Any]) -> dict[str, _Stats]:
-    """Min and max per channel of the named layers' pre-activations (the input of their act), in float."""
+def _statistics(gm: fx.GraphModule, names: list[str], data: CalibrationData) -> dict[str, _Stats]:
+    """Min and max per channel of the named layers' pre-activations (the input of their act), in float, over the
+    data (streamed; merged over ``data.group``'s ranks, so every rank equalizes alike)."""
     model = copy.deepcopy(gm)
     disable_all(model)
     model.eval()
     extremes: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    for name in names:
+        weight = model.get_submodule(name).weight
+        extremes[name] = (torch.full((weight.shape[0],), torch.inf, device=weight.device),
+                          torch.full((weight.shape[0],), -torch.inf, device=weight.device))
 
     def hook(name: str) -> Any:
         def record(_module: nn.Module, args: tuple[Any, ...]) -> None:
-            z = args[0].detach().transpose(0, 1).flatten(1)
-            low, high = z.amin(1), z.amax(1)
-            old = extremes.get(name)
-            extremes[name] = (low, high) if old is None else (torch.minimum(old[0], low), torch.maximum(old[1], high))
+            z = args[0].detach().float().transpose(0, 1).flatten(1)
+            low, high = extremes[name]
+            extremes[name] = (torch.minimum(low, z.amin(1)), torch.maximum(high, z.amax(1)))
         return record
 
     handles = [model.get_submodule(name).act.register_forward_pre_hook(hook(name)) for name in names]
     try:
         with torch.no_grad():
-            for batch in batches:
+            for batch in data:
                 run_batch(model, batch)
     finally:
         for handle in handles:
             handle.remove()
-    return {name: _Stats(low, high) for name, (low, high) in extremes.items()}
+    if data.group is not None:
+        lows = all_reduce([low for low, _ in extremes.values()], dist.ReduceOp.MIN, data.group)
+        highs = all_reduce([high for _, high in extremes.values()], dist.ReduceOp.MAX, data.group)
+        extremes = dict(zip(extremes, zip(lows, highs)))
+    # a layer the data never reached (a branch not taken) has no statistics
+    return {name: _Stats(low, high) for name, (low, high) in extremes.items() if bool((low <= high).all())}
 
 
 def _equalize(pair: Pair, applied: torch.Tensor, stats: _Stats | None) -> float:
@@ -219,10 +232,13 @@ def _absorb(pair: Pair, stats: _Stats, applied: torch.Tensor) -> None:
     second.bias.add_(added)
 
 
-def equalize(gm: fx.GraphModule, config: CLEConfig, batches: list[Any] | None = None) -> list[Pair]:
+def equalize(gm: fx.GraphModule, config: CLEConfig, batches: Iterable[Any] | None = None) -> list[Pair]:
     """Equalize (and absorb high biases of) every pair of a prepared model in place; returns the pairs used.
 
-    Without ``batches`` nothing is measured: pairs through ReLU6 are skipped and no bias is absorbed."""
+    ``batches``: calibration data (a ``CalibrationData``, or anything ``mq.calibrate`` reads). Without it nothing is
+    measured: pairs through ReLU6 are skipped and no bias is absorbed."""
+    if batches is not None and not isinstance(batches, CalibrationData):
+        batches = CalibrationData(batches)
     pairs = find_pairs(gm)
     if config.relu6 == "skip" or not batches:
         pairs = [p for p in pairs if not isinstance(p.first.act, nn.ReLU6)]
@@ -257,7 +273,7 @@ class CLE(PTQMethod):
     stage: ClassVar[str] = "float"
     Config = CLEConfig
 
-    def apply(self, qmodel: nn.Module, data: list[Any], config: Any, progress: bool) -> None:
+    def apply(self, qmodel: nn.Module, data: CalibrationData, config: Any, progress: bool) -> None:
         if not isinstance(qmodel, fx.GraphModule):
             raise ConfigError("cle finds consecutive layers in the traced graph; this model was prepared per "
                               "sub-module (prepare(modules=...)). Prepare the whole model, or the sub-module alone.")

@@ -2,9 +2,10 @@
 
 For each unit (``mq_algos.ptq.blocks``), in graph order:
 
-1. cache the unit's inputs from the *quantized* model, with every earlier unit already reconstructed (BRECQ's
-   asymmetric reconstruction), and the unit's outputs from the *float* model (a copy of the prepared model with
-   all quantizers off, taken before any weight changes) as targets;
+1. one pass over the calibration data (streamed, batch by batch) caches the unit's inputs from the *quantized*
+   model, with every earlier unit already reconstructed (BRECQ's asymmetric reconstruction), and the unit's outputs
+   from the *float* model (a copy of the prepared model with all quantizers off, taken before any weight changes)
+   as targets, both from the same batch, so a shuffling DataLoader still pairs them right;
 2. learn AdaRound rounding variables for the unit's weight layers (and, optionally, LSQ step sizes of the
    activation quantizers inside it, their learning rate cosine-decayed to 0 as in the reference code) with Adam,
    minimising ``rec + lambda * sum(1 - |2h - 1|^beta)``. QDrop leaves each activation element unquantized with
@@ -12,9 +13,16 @@ For each unit (``mq_algos.ptq.blocks``), in graph order:
    code, which mixes the quantized and the float block inputs), inside the unit the quantized model's own;
 3. bake the hard rounding into the layer weights and write the learned activation scales back.
 
-Memory: the inputs and targets of one unit for *all* calibration samples are held at once (float32, on the
-model's device), plus a float copy of the model. For a 64x56x56 activation that is ~0.8 MB per sample, so keep the
-calibration set to a few hundred or a thousand samples for ImageNet-sized models.
+Memory: no batch is kept; what is held is one unit's cache, ``N * 4 bytes * (sum of the unit's input sizes + sum
+of its output sizes [+ the input sizes again for QDrop])`` per sample size on the model's device, freed before the
+next unit, plus a float copy of the model's weights (docs/algorithms.md, "Streaming and memory", has a measured
+ResNet-18 block). The first unit concatenates its batches once (twice its cache for a moment); later units know
+``N`` and fill one preallocated tensor.
+
+Under ``torch.distributed`` (``data.group``) each rank caches its own shard and the gradients of every step are
+averaged across the ranks before Adam's update (data-parallel reconstruction): every rank takes the same steps
+from the same start, so all end with the same rounding, learned from the union of the shards with ``batch_size``
+samples per rank and step.
 """
 
 from __future__ import annotations
@@ -22,27 +30,38 @@ from __future__ import annotations
 import copy
 import logging
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import fx, nn
 from tqdm.auto import tqdm
 
 from mq_algos.ptq.activations import ActivationPatch, patched, uses_fixed_forward
 from mq_algos.ptq.blocks import Granularity, Unit, discover_units
 from mq_algos.ptq.rounding import AdaRoundWeight, bake
-from mq_core.plugin_api import ConfigError, FakeQuantizer, SchemeError, disable_all, num_inputs, run_batch
+from mq_core.plugin_api import (
+    CalibrationData,
+    ConfigError,
+    FakeQuantizer,
+    SchemeError,
+    all_reduce,
+    disable_all,
+    num_inputs,
+    run_batch,
+)
 
 log = logging.getLogger(__name__)
 
 #: Widest weight grid whose rounding is learned: above 8 bits a rounding step is below the float noise of the
 #: reconstruction loss, and ONNX export stops at 8 bits anyway.
 MAX_WEIGHT_BITS = 8
-#: Samples per forward pass when measuring a unit's error before and after reconstruction.
-_EVAL_CHUNK = 256
+#: Samples per forward pass when measuring a unit's error before and after reconstruction (a batch's worth: at
+#: 224x224 the activations of a larger chunk would outgrow the cache itself).
+_EVAL_CHUNK = 32
 
 
 @dataclass(frozen=True)
@@ -157,30 +176,84 @@ def _subgraph(
     return sub
 
 
-def _cache(gm: fx.GraphModule, names: Sequence[str], batches: list[Any]) -> list[torch.Tensor]:
-    """The values of the nodes ``names`` over all calibration batches, concatenated along the batch dim."""
+def _prefix(gm: fx.GraphModule, names: Sequence[str]) -> fx.GraphModule:
+    """The part of ``gm`` that computes the nodes ``names`` from the model's inputs (nothing after them)."""
     all_nodes = [n for n in gm.graph.nodes if n.op != "output"]
     by_name = {n.name: n for n in all_nodes}
     wanted = [by_name[name] for name in names]
     last = max(all_nodes.index(n) for n in wanted)
-    prefix = _subgraph(gm, all_nodes[:last + 1], [], wanted)
-    n_inputs = num_inputs(gm)
-    per_batch: list[tuple[Any, ...]] = []
+    return _subgraph(gm, all_nodes[:last + 1], [], wanted)
+
+
+class _Cache:
+    """One unit-boundary value over every calibration sample, filled batch by batch along the batch dimension.
+
+    With the number of samples known (every unit after the first) it is one preallocated tensor; otherwise the
+    batches' values are gathered and concatenated once at the end."""
+
+    def __init__(self, name: str, samples: int | None) -> None:
+        self.name, self.samples = name, samples
+        self.parts: list[torch.Tensor] = []
+        self.full: torch.Tensor | None = None
+        self.filled = 0
+
+    def add(self, value: Any) -> None:
+        if not isinstance(value, torch.Tensor) or value.dim() < 1:
+            raise ConfigError(f"reconstruction needs tensor values with a batch dimension at unit boundaries; "
+                              f"{self.name!r} is not one.")
+        value = value.detach()
+        if self.samples is None:
+            self.parts.append(value)
+            return
+        if self.full is None:
+            self.full = value.new_empty((self.samples, *value.shape[1:]))
+        if self.filled + value.shape[0] > self.samples or value.shape[1:] != self.full.shape[1:]:
+            raise _changing_data(self.samples)
+        self.full[self.filled:self.filled + value.shape[0]] = value
+        self.filled += value.shape[0]
+
+    def tensor(self) -> torch.Tensor:
+        if self.samples is None:
+            return torch.cat(self.parts, 0)
+        if self.full is None or self.filled != self.samples:
+            raise _changing_data(self.samples)
+        return self.full
+
+
+def _changing_data(samples: int) -> ConfigError:
+    return ConfigError(
+        f"the calibration data gave {samples} samples on an earlier pass and a different number now; reconstruction "
+        "reads the data once per unit and needs the same samples every time. Use a DataLoader with a fixed sampler "
+        "(shuffling is fine, a sampler drawing with replacement or a changing num_samples is not)."
+    )
+
+
+def _unit_data(ctx: _Context, unit: Unit) -> _UnitData:
+    """One pass over the data: the unit's inputs from the quantized model and its targets (for QDrop also its
+    inputs) from the float model, on the same batches."""
+    quantized = _prefix(ctx.gm, unit.inputs)
+    fp_names = [*unit.outputs, *(unit.inputs if ctx.drop_prob < 1.0 else ())]
+    floating = _prefix(ctx.fp, fp_names)
+    n_inputs = num_inputs(ctx.gm)
+    inputs = [_Cache(name, ctx.samples) for name in unit.inputs]
+    fp_values = [_Cache(name, ctx.samples) for name in fp_names]
     with torch.no_grad():
-        for batch in batches:
-            per_batch.append(run_batch(prefix, batch, n_inputs))
-    cached = []
-    for i, name in enumerate(names):
-        values = [out[i] for out in per_batch]
-        if not all(isinstance(v, torch.Tensor) and v.dim() >= 1 for v in values):
-            raise ConfigError(
-                f"reconstruction needs tensor values with a batch dimension at unit boundaries; {name!r} is not one."
-            )
-        cached.append(torch.cat(values, 0))
+        for batch in ctx.data:
+            for cache, value in zip(inputs, run_batch(quantized, batch, n_inputs)):
+                cache.add(value)
+            for cache, value in zip(fp_values, run_batch(floating, batch, n_inputs)):
+                cache.add(value)
+    cached = [c.tensor() for c in inputs + fp_values]
     sizes = {t.shape[0] for t in cached}
     if len(sizes) != 1:
-        raise ConfigError(f"unit boundary tensors {list(names)} have different batch sizes {sorted(sizes)}.")
-    return cached
+        raise ConfigError(f"unit boundary tensors {[c.name for c in inputs + fp_values]} have different batch "
+                          f"sizes {sorted(sizes)}.")
+    ctx.samples = sizes.pop()
+    data = _UnitData(inputs=cached[:len(inputs)], targets=cached[len(inputs):len(inputs) + len(unit.outputs)],
+                     fp_inputs=cached[len(inputs) + len(unit.outputs):] if ctx.drop_prob < 1.0 else None)
+    log.info("%s %s: cached %d samples, %.1f MiB", ctx.method, unit.name, ctx.samples,
+             sum(t.numel() * t.element_size() for t in cached) / 2**20)
+    return data
 
 
 @contextmanager
@@ -216,22 +289,41 @@ class _Context:
 
     gm: fx.GraphModule
     fp: fx.GraphModule
-    batches: list[Any]
+    data: CalibrationData
     config: ReconstructionConfig
     method: str
     drop_prob: float
     generator: torch.Generator
     progress: bool
+    #: Calibration samples on this rank, known after the first unit's pass.
+    samples: int | None = None
 
 
-def _error(sub: nn.Module, inputs: list[torch.Tensor], targets: list[torch.Tensor]) -> float:
-    total, n = 0.0, inputs[0].shape[0]
+def _error(sub: nn.Module, data: _UnitData, group: dist.ProcessGroup | None) -> float:
+    """The unit's reconstruction error over every cached sample (of every rank of ``group``)."""
+    inputs, targets = data.inputs, data.targets
+    n = inputs[0].shape[0]
+    total = torch.zeros(2, dtype=torch.float64, device=inputs[0].device)
     with torch.no_grad():
         for i in range(0, n, _EVAL_CHUNK):
             outs = sub(*[t[i:i + _EVAL_CHUNK] for t in inputs])
             part = [t[i:i + _EVAL_CHUNK] for t in targets]
-            total += float(reconstruction_error(outs, part)) * min(_EVAL_CHUNK, n - i)
-    return total / n
+            total[0] += reconstruction_error(outs, part).double() * min(_EVAL_CHUNK, n - i)
+    total[1] = n
+    if group is not None:
+        total = all_reduce([total], dist.ReduceOp.SUM, group)[0]
+    return float(total[0] / total[1])
+
+
+def _average_gradients(params: list[torch.Tensor], group: dist.ProcessGroup | None) -> None:
+    """Average the parameters' gradients across the ranks of ``group`` (one collective for all of them)."""
+    if group is None:
+        return
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = all_reduce([torch.cat([g.flatten() for g in grads])], dist.ReduceOp.SUM, group)[0]
+    flat /= dist.get_world_size(group)
+    for p, part in zip(params, flat.split([g.numel() for g in grads])):
+        p.grad = part.view_as(p)
 
 
 def _activation_patches(ctx: _Context, unit: Unit, modules: dict[str, nn.Module]) -> list[ActivationPatch]:
@@ -261,6 +353,7 @@ def _optimise(ctx: _Context, unit: Unit, sub: nn.Module, data: _UnitData, rounde
     if scales:
         groups.append({"params": scales, "lr": config.activation_lr})
     optimizer = torch.optim.Adam(groups)
+    params = [p for group in groups for p in group["params"]]
     n = data.inputs[0].shape[0]
     batch = min(config.batch_size, n)
     for step in tqdm(range(config.iterations), desc=f"{ctx.method} {unit.name}", disable=not ctx.progress,
@@ -278,6 +371,7 @@ def _optimise(ctx: _Context, unit: Unit, sub: nn.Module, data: _UnitData, rounde
             groups[1]["lr"] = config.activation_lr * 0.5 * (1.0 + math.cos(math.pi * step / config.iterations))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        _average_gradients(params, ctx.data.group)
         optimizer.step()
 
 
@@ -285,14 +379,10 @@ def _reconstruct_unit(ctx: _Context, unit: Unit) -> None:
     gm = ctx.gm
     modules = dict(gm.named_modules())
     by_name = {n.name: n for n in gm.graph.nodes}
-    data = _UnitData(
-        inputs=_cache(gm, unit.inputs, ctx.batches),
-        targets=_cache(ctx.fp, unit.outputs, ctx.batches),
-        fp_inputs=_cache(ctx.fp, unit.inputs, ctx.batches) if ctx.drop_prob < 1.0 else None,
-    )
+    data = _unit_data(ctx, unit)
     sub = _subgraph(gm, [by_name[n] for n in unit.nodes], [by_name[n] for n in unit.inputs],
                     [by_name[n] for n in unit.outputs])
-    before = _error(sub, data.inputs, data.targets)
+    before = _error(sub, data, ctx.data.group)
     rounders = {name: AdaRoundWeight(modules[name]) for name in unit.layers}
     acts = _activation_patches(ctx, unit, modules)
     patches: dict[FakeQuantizer, Callable[[torch.Tensor], torch.Tensor]] = {
@@ -306,12 +396,12 @@ def _reconstruct_unit(ctx: _Context, unit: Unit) -> None:
         act.write_back()
     soft = sum(r.soft_fraction() for r in rounders.values()) / max(len(rounders), 1)
     log.info("%s %s (%d layer(s)): reconstruction error %.5g -> %.5g, %.1f%% of the rounding still soft at the end",
-             ctx.method, unit.name, len(unit.layers), before, _error(sub, data.inputs, data.targets), 100 * soft)
+             ctx.method, unit.name, len(unit.layers), before, _error(sub, data, ctx.data.group), 100 * soft)
 
 
 def reconstruct(
     qmodel: nn.Module,
-    batches: list[Any],
+    data: Iterable[Any],
     config: ReconstructionConfig,
     *,
     method: str,
@@ -322,9 +412,12 @@ def reconstruct(
 ) -> list[Unit]:
     """Reconstruct every unit of a calibrated prepared model in place; returns the units, in order.
 
-    ``drop_prob`` is the probability that an activation element is quantized during optimisation (1.0: always,
-    BRECQ/AdaRound; QDrop uses 0.5).
+    ``data``: calibration data (a ``CalibrationData``, or anything ``mq.calibrate`` reads that can be read more
+    than once). ``drop_prob`` is the probability that an activation element is quantized during optimisation (1.0:
+    always, BRECQ/AdaRound; QDrop uses 0.5).
     """
+    if not isinstance(data, CalibrationData):
+        data = CalibrationData(data)
     gm = _graph_module(qmodel)
     units = discover_units(gm, granularity, blocks)
     _check_layers(dict(gm.named_modules()), units, method)
@@ -334,7 +427,7 @@ def reconstruct(
     first = next(gm.parameters(), None)
     device = first.device if first is not None else torch.device("cpu")
     generator = torch.Generator(device=device).manual_seed(config.seed)
-    ctx = _Context(gm, fp, batches, config, method, drop_prob, generator, progress)
+    ctx = _Context(gm, fp, data, config, method, drop_prob, generator, progress)
     log.info("%s: %d unit(s): %s", method, len(units), ", ".join(u.name for u in units))
     with _frozen(gm):
         for unit in units:

@@ -147,7 +147,7 @@ class LearnableFakeQuantizer(FakeQuantizer):
         for name, tensor in [*self._parameters.items(), *self._buffers.items()]:
             key = prefix + name
             if tensor is not None and key in state_dict and state_dict[key].shape != tensor.shape:
-                self._assign(name, torch.empty_like(state_dict[key], dtype=tensor.dtype),
+                self._assign(name, torch.empty_like(state_dict[key], dtype=tensor.dtype, device=tensor.device),
                              learnable=name in self._parameters)
         nn.Module._load_from_state_dict(self, state_dict, prefix, *args, **kwargs)
 

@@ -46,7 +46,7 @@ class PACTFunction(torch.autograd.Function):
     def forward(ctx: Any, x: torch.Tensor, alpha: torch.Tensor, qmin: int, qmax: int,
                 axis: int | None) -> torch.Tensor:  # type: ignore[override]
         a = along_axis(alpha, x, axis)
-        s = a / qmax
+        s = a / torch.full_like(a, qmax)  # a true division on CUDA too (``a / qmax`` multiplies by 1 / qmax there)
         ctx.save_for_backward(x, alpha)
         ctx.qmin, ctx.qmax, ctx.axis = qmin, qmax, axis
         return torch.clamp(torch.round(x / s), qmin, qmax) * s
@@ -102,7 +102,8 @@ class PACTFakeQuantizer(LearnableFakeQuantizer):
         return PACTFunction.apply(x, self._alpha(), self.scheme.qmin, self.scheme.qmax, self.ch_axis)
 
     def export_qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
-        scale = (self._alpha().detach() / self.scheme.qmax).to(torch.float32)
+        alpha = self._alpha().detach()
+        scale = (alpha / torch.full_like(alpha, self.scheme.qmax)).to(torch.float32)  # as the forward divides
         return scale, torch.zeros_like(scale, dtype=torch.int32)
 
 
