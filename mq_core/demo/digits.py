@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from mq_core.demo.split import SplitData
 from mq_core.errors import ConfigError
 from mq_core.io import atomic_torch_save
 
@@ -26,24 +26,8 @@ log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class DigitsData:
+class DigitsData(SplitData):
     """Train/test split of the digits, images as [N, 1, 8, 8] floats in [0, 1]."""
-
-    x_train: torch.Tensor
-    y_train: torch.Tensor
-    x_test: torch.Tensor
-    y_test: torch.Tensor
-
-    def train_batches(self, batch_size: int = 64, seed: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        gen = torch.Generator().manual_seed(seed)
-        order = torch.randperm(len(self.x_train), generator=gen)
-        for i in range(0, len(order), batch_size):
-            idx = order[i:i + batch_size]
-            yield self.x_train[idx], self.y_train[idx]
-
-    def calibration_batches(self, num_batches: int = 8, batch_size: int = 32) -> list[torch.Tensor]:
-        """The first training images (never test images), as calibration data."""
-        return [self.x_train[i * batch_size:(i + 1) * batch_size] for i in range(num_batches)]
 
 
 def load_digits(seed: int = 0, test_fraction: float = 0.25) -> DigitsData:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -29,6 +29,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from mq_core.demo.digits import cache_dir
+from mq_core.demo.split import SplitData
 from mq_core.errors import ConfigError
 from mq_core.io import atomic_torch_save
 
@@ -100,25 +101,10 @@ def sentences(count: int, seed: int) -> tuple[list[str], torch.Tensor]:
 
 
 @dataclass(frozen=True)
-class TextData:
-    """Train/test split of the sentiment task, as token ids [N, MAX_LENGTH] and labels [N]."""
+class TextData(SplitData):
+    """Train/test split of the sentiment task, as token ids [N, MAX_LENGTH] and labels [N], and the test sentences."""
 
-    x_train: torch.Tensor
-    y_train: torch.Tensor
-    x_test: torch.Tensor
-    y_test: torch.Tensor
     test_sentences: list[str]
-
-    def train_batches(self, batch_size: int = 64, seed: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        gen = torch.Generator().manual_seed(seed)
-        order = torch.randperm(len(self.x_train), generator=gen)
-        for i in range(0, len(order), batch_size):
-            idx = order[i:i + batch_size]
-            yield self.x_train[idx], self.y_train[idx]
-
-    def calibration_batches(self, num_batches: int = 8, batch_size: int = 32) -> list[torch.Tensor]:
-        """The first training sentences (never test sentences), as calibration data."""
-        return [self.x_train[i * batch_size:(i + 1) * batch_size] for i in range(num_batches)]
 
 
 def load_text(seed: int = 0, train: int = 4000, test: int = 1000) -> TextData:

@@ -34,6 +34,7 @@ import torch.distributed as dist
 from torch import fx, nn
 from tqdm.auto import tqdm
 
+from mq_algos.ptq.passes import run_hooked
 from mq_core.plugin_api import (
     CalibrationData,
     ConfigError,
@@ -44,7 +45,6 @@ from mq_core.plugin_api import (
     all_reduce,
     check_choice,
     disable_all,
-    run_batch,
 )
 
 log = logging.getLogger(__name__)
@@ -134,16 +134,7 @@ def _float_pass(fp: nn.Module, layers: dict[str, nn.Module], data: CalibrationDa
                 order.append(name)
         return hook
 
-    handles = [_preactivation_hook(modules[name], record(name)) for name in layers]
-    batches = 0
-    try:
-        with torch.no_grad():
-            for batch in data:
-                run_batch(fp, batch)
-                batches += 1
-    finally:
-        for handle in handles:
-            handle.remove()
+    batches = run_hooked(fp, data, [_preactivation_hook(modules[name], record(name)) for name in layers])
     once = torch.tensor([calls.get(name, 0) == batches for name in layers], dtype=torch.int32)
     if data.group is not None:  # a layer is corrected on every rank or on none (the passes are collectives)
         once = all_reduce([once], dist.ReduceOp.MIN, data.group)[0]
@@ -162,16 +153,7 @@ def _quantized_mean(qmodel: nn.Module, layer: nn.Module, data: CalibrationData) 
         sums.add(value)
         raise _Reached
 
-    handle = _preactivation_hook(layer, record)
-    try:
-        with torch.no_grad():
-            for batch in data:
-                try:
-                    run_batch(qmodel, batch)
-                except _Reached:
-                    pass
-    finally:
-        handle.remove()
+    run_hooked(qmodel, data, [_preactivation_hook(layer, record)], stop=(_Reached,))
     return sums.mean(data.group)
 
 

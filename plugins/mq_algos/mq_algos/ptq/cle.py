@@ -40,6 +40,7 @@ import torch
 import torch.distributed as dist
 from torch import fx, nn
 
+from mq_algos.ptq.passes import run_hooked
 from mq_core.plugin_api import (
     CalibrationData,
     ConfigError,
@@ -51,7 +52,6 @@ from mq_core.plugin_api import (
     check_choice,
     disable_all,
     prepare_info,
-    run_batch,
 )
 
 log = logging.getLogger(__name__)
@@ -182,14 +182,7 @@ def _statistics(gm: fx.GraphModule, names: list[str], data: CalibrationData) -> 
             extremes[name] = (torch.minimum(low, z.amin(1)), torch.maximum(high, z.amax(1)))
         return record
 
-    handles = [model.get_submodule(name).act.register_forward_pre_hook(hook(name)) for name in names]
-    try:
-        with torch.no_grad():
-            for batch in data:
-                run_batch(model, batch)
-    finally:
-        for handle in handles:
-            handle.remove()
+    run_hooked(model, data, [model.get_submodule(name).act.register_forward_pre_hook(hook(name)) for name in names])
     if data.group is not None:
         lows = all_reduce([low for low, _ in extremes.values()], dist.ReduceOp.MIN, data.group)
         highs = all_reduce([high for _, high in extremes.values()], dist.ReduceOp.MAX, data.group)

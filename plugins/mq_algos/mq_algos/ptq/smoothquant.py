@@ -36,6 +36,7 @@ import torch
 import torch.distributed as dist
 from torch import fx, nn
 
+from mq_algos.ptq.passes import run_hooked
 from mq_core.plugin_api import (
     CalibrationData,
     ConfigError,
@@ -155,14 +156,7 @@ def input_absmax(model: nn.Module, names: list[str], data: CalibrationData) -> d
             reached.add(name)
         return record
 
-    handles = [model.get_submodule(name).register_forward_pre_hook(hook(name)) for name in names]
-    try:
-        with torch.no_grad():
-            for batch in data:
-                run_batch(model, batch)
-    finally:
-        for handle in handles:
-            handle.remove()
+    run_hooked(model, data, [model.get_submodule(name).register_forward_pre_hook(hook(name)) for name in names])
     if data.group is not None:  # every rank smooths alike: a Linear reached on any rank counts
         merged = all_reduce(list(running.values()), dist.ReduceOp.MAX, data.group)
         seen = all_reduce([torch.tensor([float(n in reached) for n in names])], dist.ReduceOp.MAX, data.group)[0]
